@@ -1,0 +1,197 @@
+"""Command line: ``dms-llm prune`` (search, export, perplexity before/after) and ``dms-llm eval`` (perplexity)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("dms_llm")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hub id, local folder, .gguf file, or the embedded default 'smollm2-135m'")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_data: str) -> None:
+    p.add_argument("--eval-data", default=default_data,
+                   help=f"perplexity data: wikitext2, ptb, c4, pydoc-heldout or a local file (default {default_data})")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="window length (default 2048 or the model maximum)")
+    p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dms-llm", description="Differentiable Model Scaling for Llama-family LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="search a smaller structure under a budget, export it, report perplexity",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--keep", type=float, help="fraction of the model's parameters to keep (embeddings included)")
+    budget.add_argument("--target-params", type=int, help="absolute parameter budget")
+    p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
+    p.add_argument("--calib", default="pydoc",
+                   help="calibration data: pydoc (built in), wikitext2, c4, a .txt/.jsonl file or a folder")
+    p.add_argument("--steps", type=int, default=200, help="maximum search steps")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--uniform", action="store_true",
+                   help="equal widths per layer and whole-layer removal: saves a stock checkpoint")
+    p.add_argument("--resource", default="params", choices=["params", "macs"], help="what the budget counts")
+    p.add_argument("--mlp-unit", type=int, default=8, help="MLP channels per pruning unit")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the pruning ratios")
+    p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
+    p.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the LM loss added to distillation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--quiet", action="store_true", help="no per-step log lines")
+    _add_eval_args(p, "pydoc-heldout")
+
+    e = sub.add_parser("eval", help="perplexity of a model or an export",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(e)
+    _add_eval_args(e, "wikitext2")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def _device(arg):
+    import torch
+
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    head = ("", "dense", "pruned", "pruned/dense")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def cmd_prune(args) -> int:
+    import torch
+
+    from .data import calibration_windows
+    from .evaluate import perplexity
+    from .export import check_output_dir, export
+    from .loading import load_model
+    from .resources import ResourceModel
+    from .search import PruneConfig, prune, resolve_target
+    from .structure import ModelShape
+
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    config = PruneConfig(
+        keep=args.keep, target=args.target_params, resource=args.resource, uniform=args.uniform,
+        mlp_unit=args.mlp_unit, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        resource_weight=args.resource_weight, lm_loss_weight=args.lm_loss_weight, seed=args.seed,
+        mixed_precision=args.mixed_precision,
+    )
+    model, tokenizer, source_dir = load_model(args.model, dtype=args.dtype, device=_device(args.device),
+                                              trust_remote_code=args.trust_remote_code)
+    out = check_output_dir(args.out, source_dir, args.overwrite or args.resume)
+    shape = ModelShape.from_model(model)
+    resolve_target(config, ResourceModel(shape, config.resource, config.macs_seq_len))  # fail before heavy work
+    config.checkpoint_path = str(out.parent / f".{out.name}.search-state.pt")
+    config.resume = args.resume
+    calib = calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples, seed=args.seed)
+    logger.info("calibration: %d windows of %d tokens from %s", len(calib), args.seq_len, args.calib)
+
+    dense_ppl = None
+    if not args.no_eval:
+        dense_ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+        logger.info("dense perplexity %.3f on %s (%d windows of %d)", dense_ppl["ppl"], args.eval_data,
+                    dense_ppl["windows"], dense_ppl["seq_len"])
+    result = prune(model, calib, config, progress=not args.quiet)
+    logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
+    metadata = {
+        "budget": {"keep": args.keep, "target_params": args.target_params, "resource": args.resource,
+                   "target_resource": result.target_resource, "uniform": args.uniform},
+        "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
+                   "calibration": str(args.calib), "seq_len": args.seq_len, "num_samples": args.num_samples,
+                   "config": result.config},
+        "base_model": args.model,
+        "command": "dms-llm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
+                      overwrite=args.overwrite or args.resume, metadata=metadata,
+                      extra_files={"dms_search_log.jsonl": "\n".join(json.dumps(h) for h in result.history) + "\n"})
+    Path(config.checkpoint_path).unlink(missing_ok=True)
+
+    pruned_ppl = None
+    if not args.no_eval:
+        pruned_ppl = perplexity(exported.model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+    res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
+    dp, pp = res_p.dense(), res_p.of_structure(result.structure)
+    dm, pm = res_m.dense(), res_m.of_structure(result.structure)
+    rows = [
+        ("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}"),
+        ("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}"),
+    ]
+    if dense_ppl and pruned_ppl:
+        label = f"perplexity ({Path(str(args.eval_data)).name}, {dense_ppl['windows']}x{dense_ppl['seq_len']} tokens)"
+        rows.append((label, f"{dense_ppl['ppl']:.3f}", f"{pruned_ppl['ppl']:.3f}",
+                     f"{pruned_ppl['ppl'] / dense_ppl['ppl']:.3f}"))
+    rows.append(("search time", "", f"{result.search_seconds:.1f} s ({result.steps_run} steps)", ""))
+    rows.append(("total time", "", f"{time.perf_counter() - t_start:.1f} s", ""))
+    print()
+    print(f"DMS prune of {args.model} -> {out}  ({'uniform, stock config' if exported.uniform else 'per-layer, trust_remote_code'})")
+    print(result.structure.summary())
+    print(_table(rows))
+    summary = {"params": [dp, pp], "macs_2048": [dm, pm], "ppl": [dense_ppl, pruned_ppl],
+               "search_seconds": result.search_seconds, "steps_run": result.steps_run}
+    (out / "dms_summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=_device(args.device),
+                                     trust_remote_code=args.trust_remote_code)
+    r = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+    print(f"perplexity {r['ppl']:.3f} on {args.eval_data}: {r['windows']} of {r['total_windows']} windows of "
+          f"{r['seq_len']} tokens ({r['tokens']} predicted tokens, {r['seconds']:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "data": str(args.eval_data), **r}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .export import ExportError
+    from .loading import ModelLoadError
+    from .search import BudgetError
+    from .structure import UnsupportedModelError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm():
+            return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"dms-llm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dms-llm: interrupted; run the same command with --resume to continue the search", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

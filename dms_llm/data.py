@@ -1,0 +1,174 @@
+"""Text for calibration and evaluation: Hub datasets by name, local files and folders, and a built-in corpus.
+
+Sources (``--calib`` / ``--eval-data``):
+- ``pydoc`` / ``pydoc-heldout``: the English documentation topics that ship with every CPython
+  (``pydoc_data.topics``), split by topic into a calibration part (first 80%) and a held-out part (last 20%).
+  Works on any machine with no network; the embedded default uses it.
+- ``wikitext2`` (calibration: train split, evaluation: test split), ``ptb``, ``c4``: Hugging Face Hub datasets,
+  loaded with ``datasets`` (C4 streamed, only the documents needed are read).
+- a local ``.txt`` / ``.raw`` / ``.tokens`` file (read as text with universal newlines), a ``.jsonl`` / ``.json``
+  file (the ``text`` field of every record), or a folder of such files (sorted by name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+HUB_ALIASES = {
+    "wikitext2": "wikitext2",
+    "wikitext": "wikitext2",
+    "wikitext-2-raw-v1": "wikitext2",
+    "ptb": "ptb",
+    "c4": "c4",
+}
+BUILTIN = ("pydoc", "pydoc-heldout")
+
+
+class DataError(ValueError):
+    """Calibration or evaluation data that cannot be used."""
+
+
+def _pydoc_text(part: str) -> str:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    cut = int(len(keys) * 0.8)
+    chosen = keys[:cut] if part == "pydoc" else keys[cut:]
+    return "\n\n".join(topics[k] for k in chosen)
+
+
+def _read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{path} looks binary (it contains NUL bytes); give a UTF-8 text or JSONL file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 or give another file") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_jsonl(path: Path, max_chars: int | None) -> str:
+    texts, total = [], 0
+    content = _read_text_file(path)
+    records = None
+    if path.suffix == ".json" and content.lstrip().startswith("["):
+        records = json.loads(content)
+    lines = records if records is not None else (line for line in content.splitlines() if line.strip())
+    for n, item in enumerate(lines, 1):
+        try:
+            record = item if records is not None else json.loads(item)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}: record {n} has no string field "text"; JSONL data needs {{"text": ...}} per line')
+        texts.append(record["text"])
+        total += len(record["text"])
+        if max_chars and total >= max_chars:
+            break
+    return "\n\n".join(texts)
+
+
+def _hub_text(name: str, split: str, max_chars: int | None) -> str:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise DataError("loading Hub datasets needs the 'datasets' package: pip install datasets") from None
+    try:
+        if name == "wikitext2":
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+            return "\n\n".join(rows)
+        if name == "ptb":
+            rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+            return " ".join(rows)
+        # c4: the first shard of the English train / validation split, streamed
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        stream = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split, streaming=True)
+        texts, total = [], 0
+        for record in stream:
+            texts.append(record["text"])
+            total += len(record["text"])
+            if total >= (max_chars or 20_000_000):
+                break
+        return "\n\n".join(texts)
+    except Exception as e:  # network or Hub errors: say what to do instead
+        raise DataError(
+            f"could not load the Hub dataset {name!r} ({type(e).__name__}: {e}). Without Hub access give a local "
+            f"text/JSONL file or folder instead (e.g. ../shared/data/wikitext2/wiki.valid.tokens), or 'pydoc'."
+        ) from None
+
+
+def load_text(source: str | Path, split: str = "train", max_chars: int | None = None) -> str:
+    """The raw text of ``source`` (see the module docstring). ``split`` picks the Hub split ("train"/"test")."""
+    src = str(source)
+    if src in BUILTIN:
+        text = _pydoc_text(src)
+    elif Path(src).exists():
+        path = Path(src)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSON_SUFFIXES)
+            if not files:
+                raise DataError(f"folder {path} holds no .txt/.raw/.tokens/.jsonl/.json files")
+            text = "\n\n".join(load_text(p, split, max_chars) for p in files)
+        elif path.suffix in JSON_SUFFIXES:
+            text = _read_jsonl(path, max_chars)
+        else:
+            text = _read_text_file(path)
+    elif src.lower() in HUB_ALIASES:
+        text = _hub_text(HUB_ALIASES[src.lower()], split, max_chars)
+    else:
+        raise DataError(
+            f"data source {src!r} is neither an existing file or folder nor a known dataset name "
+            f"({', '.join(sorted(set(HUB_ALIASES) | set(BUILTIN)))})"
+        )
+    if max_chars:
+        text = text[:max_chars]
+    if not text.strip():
+        raise DataError(f"data source {src!r} is empty")
+    return text
+
+
+def tokenize_text(tokenizer, text: str, chunk_chars: int = 1_000_000) -> torch.Tensor:
+    """Token ids of ``text`` as one 1-D tensor, tokenized in chunks cut at paragraph boundaries."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        ids = tokenizer(text[start:end], add_special_tokens=(start == 0)).input_ids
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        start = end
+    return torch.cat(pieces)
+
+
+def calibration_windows(
+    tokenizer, source: str | Path, seq_len: int, num_samples: int, seed: int = 0
+) -> torch.Tensor:
+    """``num_samples`` non-overlapping windows of ``seq_len`` tokens drawn at random (by ``seed``) from ``source``.
+
+    Returns a (num_samples, seq_len) int64 tensor."""
+    if seq_len < 2 or num_samples < 1:
+        raise DataError(f"need seq_len >= 2 and num_samples >= 1, got {seq_len} and {num_samples}")
+    # read only as much text as could be needed (about 6 characters a token, with a wide margin)
+    text = load_text(source, split="train", max_chars=max(2_000_000, 40 * seq_len * num_samples))
+    ids = tokenize_text(tokenizer, text)
+    available = len(ids) // seq_len
+    if available < num_samples:
+        raise DataError(
+            f"calibration data {str(source)!r} has {len(ids)} tokens: enough for {available} windows of {seq_len}, "
+            f"not {num_samples}. Lower --num-samples or --seq-len, or give more text."
+        )
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=g)[:num_samples].sort().values
+    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in chosen.tolist()])
+
+
+def evaluation_tokens(tokenizer, source: str | Path) -> torch.Tensor:
+    """All token ids of an evaluation source (Hub names use the test split)."""
+    return tokenize_text(tokenizer, load_text(source, split="test"))

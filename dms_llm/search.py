@@ -1,0 +1,337 @@
+"""The DMS search (DESIGN.md §3): learn how many heads, channels and blocks to keep under a budget.
+
+    L = KL(dense || gated) [+ w_lm * LM loss]  +  lambda_res * max(0, log(r_c / r_t))
+
+Weights stay frozen; only the operators' ``a``s are trained (Adam), and the Taylor importances are updated
+from the task-loss gradients of the masks. The teacher is the same model with the gates off, so no second copy
+is held in memory. ``r_t`` decays exponentially from the dense cost to the target over the first part of the
+search, then holds; the search stops at ``steps`` or once the hard structure meets the target and has not
+changed for ``patience`` steps. A final projection raises every ``a`` by the same amount if the hard choice is
+still above the target, so the returned structure always meets the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gates import DMSGates
+from .resources import ResourceModel
+from .structure import ModelShape, Structure
+
+logger = logging.getLogger("dms_llm")
+
+
+class BudgetError(ValueError):
+    """The requested budget is outside what the search space can reach."""
+
+
+@dataclass
+class PruneConfig:
+    """Settings of one DMS search. Give the budget as ``keep`` (fraction of the dense resource) or ``target``."""
+
+    keep: float | None = None
+    target: int | None = None
+    resource: str = "params"  # or "macs" (per sequence of macs_seq_len tokens)
+    macs_seq_len: int = 2048
+    uniform: bool = False
+    mlp_unit: int = 8
+    steps: int = 200
+    warmup_steps: int = 4
+    batch_size: int = 1
+    lr: float = 0.05
+    resource_weight: float = 2.0
+    lm_loss_weight: float = 0.0
+    target_decay: float = 0.5
+    patience: int = 10
+    seed: int = 0
+    mixed_precision: str = "no"
+    activation_checkpointing: bool | None = None
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 25
+    resume: bool = False
+
+
+@dataclass
+class PruneResult:
+    structure: Structure
+    resource_kind: str
+    dense_resource: int
+    target_resource: int
+    pruned_resource: int
+    search_seconds: float
+    steps_run: int
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def met_budget(self) -> bool:
+        return self.pruned_resource <= self.target_resource
+
+
+def resolve_target(config: PruneConfig, resource: ResourceModel) -> int:
+    """The absolute target, checked against what the search space can reach."""
+    dense, minimum = resource.dense(), resource.minimum(config.uniform, config.mlp_unit)
+    unit = "parameters" if resource.kind == "params" else f"MACs at {resource.seq_len} tokens"
+    lo, hi = minimum / dense, 1.0
+    if (config.keep is None) == (config.target is None):
+        raise BudgetError("give exactly one budget: keep (a fraction, e.g. --keep 0.8) or target (--target-params N)")
+    if config.keep is not None:
+        if not (0.0 < config.keep < 1.0):
+            raise BudgetError(f"--keep must be a fraction strictly between 0 and 1, got {config.keep}")
+        target = int(math.floor(config.keep * dense))
+    else:
+        target = int(config.target)
+        if not (0 < target < dense):
+            raise BudgetError(f"target must be between 0 and the dense model's {dense:,} {unit}, got {target:,}")
+    if target < minimum:
+        raise BudgetError(
+            f"a budget of {target:,} {unit} ({target / dense:.3f} of the model) is below what this search space can "
+            f"reach: the reachable range is {minimum:,}..{dense - 1:,} {unit} (--keep in [{lo:.3f}, {hi:.0f})); "
+            f"embeddings are not pruned"
+        )
+    return target
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student), computed in fp32."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v), dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _batch(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The batch of ``step``: a deterministic function of (seed, step), so a resumed run sees the same data."""
+    n = len(windows)
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    idx = order[pos * batch_size : (pos + 1) * batch_size]
+    if len(idx) < batch_size:
+        idx = order[:batch_size]
+    return windows[idx]
+
+
+def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int) -> Structure:
+    """Shift every ``a`` by the same amount (up or down) to the smallest shift whose hard structure fits
+    ``target``: a structure above the budget is cut to it, one well below it gets the unused budget back."""
+    base = {n: op.ratio.detach().clone() for n, op in gates.operators.items()}
+
+    def apply(delta: float) -> Structure:
+        with torch.no_grad():
+            for n, op in gates.operators.items():
+                op.ratio.copy_((base[n] + delta).clamp(0.0, op.max_ratio))
+        return gates.hard_structure()
+
+    lo, hi = -1.0, 1.0  # cost is non-increasing in delta; apply(1.0) is the minimum, which meets any valid target
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if resource.of_structure(apply(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    if abs(hi) > 1e-6:
+        logger.info("shifted every pruning ratio by %+.4f so the hard structure uses the budget", hi)
+    return apply(hi)
+
+
+def _describe(structure: Structure) -> str:
+    heads = sum(structure.num_heads())
+    ch = sum(structure.intermediate_sizes())
+    attn = sum(1 for layer in structure.layers if layer.kv_heads)
+    mlp = sum(1 for layer in structure.layers if layer.channels)
+    return f"heads {heads} ch {ch} attn {attn} mlp {mlp}"
+
+
+def _fmt(x: float) -> str:
+    return f"{x / 1e9:.3f}G" if x >= 1e9 else f"{x / 1e6:.2f}M"
+
+
+def _enable_checkpointing(model: nn.Module) -> bool:
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
+
+
+def _disable_checkpointing(model: nn.Module) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    if disable is not None:
+        disable()
+
+
+def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True) -> PruneResult:
+    """Search the structure of ``model`` under ``config``'s budget on the calibration windows ``calib``
+    ((num_samples, seq_len) token ids). The model is left exactly as it was; export the result with
+    :func:`dms_llm.export`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    shape = ModelShape.from_model(model)
+    resource = ResourceModel(shape, config.resource, config.macs_seq_len)
+    target = resolve_target(config, resource)
+    dense = resource.dense()
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[1] < 2:
+        raise ValueError("calib must be a (num_samples, seq_len) tensor of token ids; see dms_llm.data.calibration_windows")
+    if calib.max() >= shape.vocab_size or calib.min() < 0:
+        raise ValueError(f"calibration token ids must lie in [0, {shape.vocab_size}); was the right tokenizer used?")
+    if config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    if config.batch_size > len(calib):
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(calib)} calibration samples")
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    device = accelerator.device
+    model.to(device)
+    params_state = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in params_state:
+        p.requires_grad_(False)
+    was_training = model.training
+    checkpointing = config.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = device.type == "cuda"
+    checkpointing = checkpointing and _enable_checkpointing(model)
+    model.train(checkpointing)  # transformers checkpoints only in train mode; Llama has no dropout
+
+    gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=config.lr)
+    optimizer = accelerator.prepare(optimizer)
+    history: list[dict] = []
+    start_step = 0
+    ckpt = Path(config.checkpoint_path) if config.checkpoint_path else None
+    if config.resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        gates.load_state_dict(state["gates"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = state["step"], state["history"]
+        logger.info("resumed the search from %s at step %d", ckpt, start_step)
+
+    decay_steps = max(1, int(config.target_decay * config.steps))
+    t0 = time.perf_counter()
+    try:
+        with accelerator.autocast():
+            if start_step == 0:
+                _warmup(model, gates, calib, config, device)
+            bar = tqdm(range(start_step, config.steps), desc="DMS search", disable=not progress, dynamic_ncols=True)
+            last_structure, stable = None, 0
+            step = start_step
+            for step in bar:
+                ids = _batch(calib, step, config.batch_size, config.seed).to(device)
+                gates.begin_step("off")
+                with torch.no_grad():
+                    teacher = model(input_ids=ids, use_cache=False).logits
+                gates.begin_step("soft")
+                student = model(input_ids=ids, use_cache=False).logits
+                kl = _kl(student, teacher)
+                task = kl + (config.lm_loss_weight * _lm_loss(student, ids) if config.lm_loss_weight else 0.0)
+                progress_frac = min(1.0, step / decay_steps)
+                r_t = dense * (target / dense) ** progress_frac
+                r_c = resource.of_gates(gates)
+                res_loss = torch.clamp(torch.log(r_c / r_t), min=0.0)
+                loss = task + config.resource_weight * res_loss
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                gates.update_importance()
+                optimizer.step()
+                gates.clamp_()
+                del teacher, student
+
+                structure = gates.hard_structure()
+                hard = resource.of_structure(structure)
+                record = {
+                    "step": step + 1,
+                    "loss": loss.item(),
+                    "kl": kl.item(),
+                    "resource": r_c.item(),
+                    "target_now": float(r_t),
+                    "hard_resource": hard,
+                    "heads": sum(structure.num_heads()),
+                    "channels": sum(structure.intermediate_sizes()),
+                    "attn_blocks": sum(1 for x in structure.layers if x.kv_heads),
+                    "mlp_blocks": sum(1 for x in structure.layers if x.channels),
+                }
+                history.append(record)
+                line = (
+                    f"step {step + 1}/{config.steps} loss {record['loss']:.4f} kl {record['kl']:.4f} "
+                    f"res {_fmt(record['resource'])}/{_fmt(r_t)} hard {_fmt(hard)} (target {_fmt(target)}) "
+                    f"{_describe(structure)}"
+                )
+                logger.info(line)
+                bar.set_postfix_str(f"kl {record['kl']:.3f} hard {_fmt(hard)}/{_fmt(target)}")
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(
+                        f"the search loss became {record['loss']} at step {step + 1}; lower --lr or use fp32"
+                    )
+                if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
+                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history)
+                key = [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
+                stable = stable + 1 if key == last_structure else 0
+                last_structure = key
+                if step + 1 >= decay_steps and hard <= target and stable >= config.patience:
+                    logger.info("target met and structure stable for %d steps: stopping at step %d", stable, step + 1)
+                    break
+            steps_run = step + 1
+            bar.close()
+    finally:
+        gates.begin_step("off")
+        if checkpointing:
+            _disable_checkpointing(model)
+        model.train(was_training)
+        for p, flag in params_state:
+            p.requires_grad_(flag)
+
+    structure = fit_to_budget(gates, resource, target)
+    gates.remove()
+    seconds = time.perf_counter() - t0
+    if ckpt is not None:
+        _save_checkpoint(ckpt, gates, optimizer, steps_run, history)
+    return PruneResult(
+        structure=structure,
+        resource_kind=config.resource,
+        dense_resource=dense,
+        target_resource=target,
+        pruned_resource=resource.of_structure(structure),
+        search_seconds=seconds,
+        steps_run=steps_run,
+        history=history,
+        config=asdict(config),
+    )
+
+
+def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: PruneConfig, device) -> None:
+    """Initial Taylor importances from the dense model: mean of g^2 under the LM loss over a few batches.
+
+    (The distillation loss has zero gradient at the dense model, so the warm-up uses the LM loss.)"""
+    sums: dict[str, torch.Tensor] = {}
+    n = max(1, config.warmup_steps)
+    for i in range(n):
+        ids = _batch(calib, i, config.batch_size, config.seed + 1).to(device)
+        gates.begin_step("ones")
+        loss = _lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        loss.backward()
+        for name, (_, grad) in gates.mask_gradients().items():
+            sums[name] = sums.get(name, 0) + grad.detach().float().pow(2)
+    for name, total in sums.items():
+        gates.operators[name].set_importance(total / n)
+
+
+def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history}, tmp)
+    tmp.replace(path)

@@ -1,0 +1,193 @@
+"""What a Llama-family model looks like, and the hard structure a search chose for it.
+
+``ModelShape`` reads the widths DMS can prune from a model and refuses architectures it cannot handle.
+``Structure`` is the hard choice per layer (kept KV groups, kept MLP channels, kept blocks) that export slices by
+and that is saved as ``dms_structure.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "dms_llama")
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a decoder-only Llama-family model that DMS can prune."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The prunable widths of a Llama-family decoder (uniform across layers, as in the source checkpoint)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModelShape":
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
+        arch = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
+        supported = (
+            "decoder-only Llama-family models whose layers have self_attn.{q,k,v,o}_proj and "
+            "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3)"
+        )
+        layers = decoder_layers(model)
+        if layers is None or model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"dms-llm cannot prune model_type={model_type!r} ({arch}). Supported: {supported}."
+            )
+        for i, layer in enumerate(layers):
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if attn is None or mlp is None or not all(hasattr(attn, p) for p in ATTN_PROJS) or not all(
+                hasattr(mlp, p) for p in MLP_PROJS
+            ):
+                raise UnsupportedModelError(
+                    f"layer {i} of {arch} lacks self_attn.{{q,k,v,o}}_proj or mlp.{{gate,up,down}}_proj. "
+                    f"Supported: {supported}."
+                )
+        if model_type == "dms_llama":
+            raise UnsupportedModelError(
+                "this checkpoint was already pruned per layer by dms-llm; prune the original model instead."
+            )
+        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if n_heads % n_kv != 0:
+            raise UnsupportedModelError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=len(layers),
+            num_heads=n_heads,
+            num_kv_heads=n_kv,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(config, "attention_bias", False)) or model_type == "qwen2",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            model_type=model_type,
+        )
+
+    def valid_uniform_group_counts(self) -> list[int]:
+        """KV-group counts a stock config accepts (LlamaConfig needs hidden_size % num_attention_heads == 0)."""
+        return [g for g in range(1, self.num_kv_heads + 1) if self.hidden_size % (g * self.heads_per_group) == 0]
+
+
+def decoder_layers(model: nn.Module):
+    """The ``nn.ModuleList`` of decoder layers of a causal LM, or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+@dataclass
+class LayerStructure:
+    kv_heads: list[int] = field(default_factory=list)  # kept KV groups (KV head indices); [] = attention removed
+    channels: list[int] = field(default_factory=list)  # kept MLP channels; [] = MLP removed
+
+
+@dataclass
+class Structure:
+    """The hard structure to export: per layer, kept KV groups and kept MLP channels (empty = block removed)."""
+
+    heads_per_group: int
+    head_dim: int
+    layers: list[LayerStructure]
+
+    @classmethod
+    def dense(cls, shape: ModelShape) -> "Structure":
+        return cls(
+            shape.heads_per_group,
+            shape.head_dim,
+            [
+                LayerStructure(list(range(shape.num_kv_heads)), list(range(shape.intermediate_size)))
+                for _ in range(shape.num_layers)
+            ],
+        )
+
+    # -- per-layer summaries -------------------------------------------------------------------------------
+    def num_kv_heads(self) -> list[int]:
+        return [len(layer.kv_heads) for layer in self.layers]
+
+    def num_heads(self) -> list[int]:
+        return [len(layer.kv_heads) * self.heads_per_group for layer in self.layers]
+
+    def intermediate_sizes(self) -> list[int]:
+        return [len(layer.channels) for layer in self.layers]
+
+    def kept_layers(self) -> list[int]:
+        """Indices of layers that keep at least one block (a layer with neither is dropped on export)."""
+        return [i for i, layer in enumerate(self.layers) if layer.kv_heads or layer.channels]
+
+    def is_uniform(self) -> bool:
+        """True when a stock config can describe it: all kept layers have both blocks and equal widths."""
+        kept = [self.layers[i] for i in self.kept_layers()]
+        if not kept:
+            return False
+        heads = {len(layer.kv_heads) for layer in kept}
+        channels = {len(layer.channels) for layer in kept}
+        return len(heads) == 1 and len(channels) == 1 and 0 not in heads and 0 not in channels
+
+    def summary(self) -> str:
+        kept = self.kept_layers()
+        attn = sum(1 for layer in self.layers if layer.kv_heads)
+        mlp = sum(1 for layer in self.layers if layer.channels)
+        heads = sum(self.num_heads())
+        return (
+            f"layers {len(kept)}/{len(self.layers)}, attention blocks {attn}, MLP blocks {mlp}, "
+            f"query heads {heads}, MLP channels {sum(self.intermediate_sizes())}"
+        )
+
+    # -- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Structure":
+        return cls(
+            heads_per_group=int(data["heads_per_group"]),
+            head_dim=int(data["head_dim"]),
+            layers=[LayerStructure(list(map(int, x["kv_heads"])), list(map(int, x["channels"]))) for x in data["layers"]],
+        )
+
+    def save(self, path: str | Path, **extra) -> None:
+        Path(path).write_text(json.dumps({**extra, "structure": self.to_dict()}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Structure":
+        return cls.from_dict(json.loads(Path(path).read_text())["structure"])
+
+    def validate(self, shape: ModelShape) -> None:
+        """Raise ValueError when the structure does not fit the model (wrong layer count, bad indices)."""
+        if len(self.layers) != shape.num_layers:
+            raise ValueError(f"structure has {len(self.layers)} layers, the model has {shape.num_layers}")
+        if self.heads_per_group != shape.heads_per_group or self.head_dim != shape.head_dim:
+            raise ValueError("structure was made for a model with another attention layout")
+        for i, layer in enumerate(self.layers):
+            if any(not 0 <= h < shape.num_kv_heads for h in layer.kv_heads) or len(set(layer.kv_heads)) != len(layer.kv_heads):
+                raise ValueError(f"layer {i}: KV head indices must be distinct and in [0, {shape.num_kv_heads})")
+            if any(not 0 <= c < shape.intermediate_size for c in layer.channels) or len(set(layer.channels)) != len(
+                layer.channels
+            ):
+                raise ValueError(f"layer {i}: MLP channel indices must be distinct and in [0, {shape.intermediate_size})")
+        if not self.kept_layers():
+            raise ValueError("structure removes every layer")
