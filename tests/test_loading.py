@@ -1,0 +1,38 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dms_llm.loading import ModelLoadError, load_model
+from dms_llm.structure import UnsupportedModelError
+
+
+def test_local_folder_roundtrip(tmp_path, gqa_model):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 127}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2").save_pretrained(tmp_path / "m")
+    gqa_model.save_pretrained(tmp_path / "m")
+    model, tokenizer, folder = load_model(str(tmp_path / "m"))
+    assert folder == (tmp_path / "m").resolve()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, gqa_model(ids).logits)
+    assert tokenizer("w5 w6").input_ids == [5, 6]
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*Llama-family"):
+        load_model(str(tmp_path / "gpt2"))
+
+
+def test_missing_inputs(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "model.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
