@@ -88,10 +88,14 @@ def cmd_prune(args) -> int:
     from .export import check_output_dir, export
     from .loading import load_model
     from .resources import ResourceModel
-    from .search import PruneConfig, prune, resolve_target
+    from .search import BudgetError, PruneConfig, prune, resolve_target
     from .structure import ModelShape
 
     t_start = time.perf_counter()
+    if args.keep is not None and not 0.0 < args.keep < 1.0:  # the rest of the budget check needs the model's shape
+        raise BudgetError(f"--keep must be a fraction strictly between 0 and 1, got {args.keep}")
+    if args.target_params is not None and args.target_params <= 0:
+        raise BudgetError(f"--target-params must be positive, got {args.target_params}")
     torch.manual_seed(args.seed)
     config = PruneConfig(
         keep=args.keep, target=args.target_params, resource=args.resource, uniform=args.uniform,

@@ -1,0 +1,82 @@
+"""Integration: the embedded SmolLM2-135M through the command line, as a user runs it (short sequences)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from dms_llm.resources import count_parameters
+
+WIKI_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
+pytestmark = pytest.mark.integration
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _generate(folder, trust_remote_code):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert isinstance(tok.decode(out[0, ids.shape[1]:]), str)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib_file():
+    assert WIKI_VALID.exists(), f"{WIKI_VALID} is missing (the shared WikiText-2 copy)"
+    return str(WIKI_VALID)
+
+
+def test_prune_per_layer_end_to_end(tmp_path, calib_file):
+    out = tmp_path / "OUT"
+    proc = _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "128",
+                "--num-samples", "8", "--out", str(out), "--eval-data", "pydoc-heldout", "--eval-windows", "1",
+                "--eval-seq-len", "256", "--quiet")
+    assert "| parameters" in proc.stdout and "| perplexity" in proc.stdout and "search time" in proc.stdout
+    model = _generate(out, trust_remote_code=True)
+    assert count_parameters(model) <= 0.81 * 134_515_008
+    info = json.loads((out / "dms_structure.json").read_text())
+    assert info["params_after"] == count_parameters(model) and info["params_before"] == 134_515_008
+    assert (out / "dms_structure.png").exists() and (out / "dms_search_log.jsonl").exists()
+    assert not list(tmp_path.glob(".*"))  # no temporary folders or search state left behind
+
+
+def test_prune_uniform_gives_stock_llama(tmp_path, calib_file):
+    out = tmp_path / "U"
+    _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "3", "--seq-len", "64",
+         "--num-samples", "4", "--out", str(out), "--uniform", "--no-eval", "--quiet")
+    model = LlamaForCausalLM.from_pretrained(out)  # no custom code
+    assert count_parameters(model) <= 0.8 * 134_515_008
+    _generate(out, trust_remote_code=False)
+
+
+def test_cli_rejects_bad_budget_before_loading_data(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "smollm2-135m", "--keep", "0.1", "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "reachable range" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_command_on_gguf(tmp_path):
+    proc = _run("eval", "smollm2-135m", "--eval-data", "pydoc-heldout", "--eval-windows", "1", "--eval-seq-len", "128",
+                "--json", str(tmp_path / "r.json"))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert 1 < r["ppl"] < 100 and r["windows"] == 1 and "perplexity" in proc.stdout
+    torch.testing.assert_close(r["seq_len"], 128)
+
+
+@pytest.mark.parametrize("keep", ["0", "1", "-0.5"])
+def test_cli_rejects_keep_out_of_range_at_once(tmp_path, keep):
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "smollm2-135m", f"--keep={keep}", "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr
