@@ -115,6 +115,7 @@ class DMSGates(nn.Module):
         uniform: equal widths in every layer and whole-layer removal (exports to a stock config).
         mlp_unit: MLP channels per unit (must divide ``intermediate_size``); 8 keeps shapes kernel-friendly.
         search_heads / search_channels / search_depth: which choices to search.
+        momentum: moving-average factor of the Taylor importances (0.99 in the paper).
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class DMSGates(nn.Module):
         search_heads: bool = True,
         search_channels: bool = True,
         search_depth: bool = True,
+        momentum: float = 0.99,
     ):
         super().__init__()
         shape = ModelShape.from_model(model)
@@ -137,15 +139,15 @@ class DMSGates(nn.Module):
         L = shape.num_layers
         self.operators = nn.ModuleDict()
         if search_heads:
-            self.operators["heads"] = DifferentiableTopK(shape.num_kv_heads, L, uniform, temperature_scale=4)
+            self.operators["heads"] = DifferentiableTopK(shape.num_kv_heads, L, uniform, 4, momentum=momentum)
         if search_channels:
-            self.operators["channels"] = DifferentiableTopK(shape.intermediate_size // mlp_unit, L, uniform)
+            self.operators["channels"] = DifferentiableTopK(shape.intermediate_size // mlp_unit, L, uniform, momentum=momentum)
         if search_depth:
             if uniform:
-                self.operators["layer_depth"] = DifferentiableTopK(L, 1, temperature_scale=4)
+                self.operators["layer_depth"] = DifferentiableTopK(L, 1, temperature_scale=4, momentum=momentum)
             else:
-                self.operators["attn_depth"] = DifferentiableTopK(L, 1, temperature_scale=4)
-                self.operators["mlp_depth"] = DifferentiableTopK(L, 1, temperature_scale=4)
+                self.operators["attn_depth"] = DifferentiableTopK(L, 1, temperature_scale=4, momentum=momentum)
+                self.operators["mlp_depth"] = DifferentiableTopK(L, 1, temperature_scale=4, momentum=momentum)
         device = next(model.parameters()).device
         self.to(device)
         self.hooks = MaskHooks(model, shape)

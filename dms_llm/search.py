@@ -46,9 +46,10 @@ class PruneConfig:
     steps: int = 200
     warmup_steps: int = 4
     batch_size: int = 1
-    lr: float = 0.05
-    resource_weight: float = 2.0
-    lm_loss_weight: float = 0.0
+    lr: float = 0.1
+    resource_weight: float = 50.0
+    lm_loss_weight: float = 1.0
+    importance_momentum: float = 0.99
     target_decay: float = 0.5
     patience: int = 10
     seed: int = 0
@@ -208,7 +209,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     checkpointing = checkpointing and _enable_checkpointing(model)
     model.train(checkpointing)  # transformers checkpoints only in train mode; Llama has no dropout
 
-    gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit)
+    gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit, momentum=config.importance_momentum)
     optimizer = torch.optim.Adam(gates.parameters(), lr=config.lr)
     optimizer = accelerator.prepare(optimizer)
     history: list[dict] = []
@@ -287,6 +288,11 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     break
             steps_run = step + 1
             bar.close()
+    except KeyboardInterrupt:
+        if ckpt is not None:
+            _save_checkpoint(ckpt, gates, optimizer, len(history), history)
+            logger.warning("interrupted: search state of step %d saved to %s (continue with --resume)", len(history), ckpt)
+        raise
     finally:
         gates.begin_step("off")
         if checkpointing:

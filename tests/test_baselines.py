@@ -1,0 +1,30 @@
+import torch
+
+from dms_llm.baselines import block_influence, random_uniform, shortgpt, taylor_uniform
+from dms_llm.resources import ResourceModel
+from dms_llm.structure import ModelShape
+
+
+def test_baselines_meet_the_budget_with_their_shapes(gqa_model, calib):
+    shape = ModelShape.from_model(gqa_model)
+    res = ResourceModel(shape)
+    target = int(0.75 * res.dense())
+    before = {k: v.clone() for k, v in gqa_model.state_dict().items()}
+    for structure in (taylor_uniform(gqa_model, calib, target, batch_size=2), random_uniform(gqa_model, target)):
+        assert res.of_structure(structure) <= target and structure.is_uniform()
+        assert len(structure.kept_layers()) == shape.num_layers
+    s = shortgpt(gqa_model, calib, target)
+    assert res.of_structure(s) <= target and s.is_uniform() and len(s.kept_layers()) < shape.num_layers
+    assert all(torch.equal(v, before[k]) for k, v in gqa_model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in gqa_model.modules())
+
+
+def test_block_influence_is_zero_for_an_identity_layer(gqa_model, calib):
+    with torch.no_grad():
+        layer = gqa_model.model.layers[2]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    bi = block_influence(gqa_model, calib[:2])
+    assert bi[2].abs() < 1e-5 and (bi[[0, 1, 3]] > 1e-3).all()
+    s = shortgpt(gqa_model, calib[:2], int(0.9 * ResourceModel(ModelShape.from_model(gqa_model)).dense()))
+    assert s.layers[2].kv_heads == [] and s.kept_layers() == [0, 1, 3]
