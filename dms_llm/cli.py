@@ -59,10 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-step log lines")
     _add_eval_args(p, "pydoc-heldout")
 
-    e = sub.add_parser("eval", help="perplexity of a model or an export",
+    e = sub.add_parser("eval", help="perplexity, zero-shot accuracy (lm-eval) and speed of a model or an export",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(e)
-    _add_eval_args(e, "wikitext2")
+    _add_eval_args(e, None)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks; 'default' = boolq,piqa,hellaswag,winogrande,arc_easy,"
+                        "arc_challenge,openbookqa; 'dms_example' is a built-in offline task")
+    e.add_argument("--include-path", default=None, help="folder of local lm-eval task YAML files (offline tasks)")
+    e.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--speed", action="store_true", help="measure prefill / decode throughput and memory")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
 
@@ -71,13 +78,6 @@ def _device(arg):
     import torch
 
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _table(rows: list[tuple[str, str, str, str]]) -> str:
-    head = ("", "dense", "pruned", "pruned/dense")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def cmd_prune(args) -> int:
@@ -153,7 +153,7 @@ def cmd_prune(args) -> int:
     print()
     print(f"DMS prune of {args.model} -> {out}  ({'uniform, stock config' if exported.uniform else 'per-layer, trust_remote_code'})")
     print(result.structure.summary())
-    print(_table(rows))
+    print(_markdown(("", "dense", "pruned", "pruned/dense"), rows))
     summary = {"params": [dp, pp], "macs_2048": [dm, pm], "ppl": [dense_ppl, pruned_ppl],
                "search_seconds": result.search_seconds, "steps_run": result.steps_run}
     (out / "dms_summary.json").write_text(json.dumps(summary, indent=1))
@@ -161,17 +161,43 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import perplexity
+    from .evaluate import perplexity, speed
     from .loading import load_model
 
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=_device(args.device),
                                      trust_remote_code=args.trust_remote_code)
-    r = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
-    print(f"perplexity {r['ppl']:.3f} on {args.eval_data}: {r['windows']} of {r['total_windows']} windows of "
-          f"{r['seq_len']} tokens ({r['tokens']} predicted tokens, {r['seconds']:.1f} s)")
+    results: dict = {"model": args.model}
+    eval_data = args.eval_data or (None if (args.tasks or args.speed) else "wikitext2")
+    if eval_data:
+        r = perplexity(model, tokenizer, eval_data, args.eval_seq_len, args.eval_windows)
+        results["perplexity"] = {"data": str(eval_data), **r}
+        print(f"perplexity {r['ppl']:.3f} on {eval_data}: {r['windows']} of {r['total_windows']} windows of "
+              f"{r['seq_len']} tokens ({r['tokens']} predicted tokens, {r['seconds']:.1f} s)")
+    if args.tasks:
+        from .zeroshot import DEFAULT_TASKS, zero_shot
+
+        tasks = list(DEFAULT_TASKS) if args.tasks == "default" else [t for t in args.tasks.split(",") if t]
+        zs = zero_shot(model, tokenizer, tasks, include_path=args.include_path, batch_size=args.batch_size,
+                       limit=args.limit)
+        results["zero_shot"] = zs
+        rows = [(t, r["metric"], f"{100 * r['value']:.2f}",
+                 f"{100 * r['stderr']:.2f}" if r["stderr"] is not None else "n/a", str(r["n"])) for t, r in zs.items()]
+        print(_markdown(("task", "metric", "value (%)", "stderr (%)", "n"), rows))
+    if args.speed:
+        sp = speed(model)
+        results["speed"] = sp
+        print(f"speed on {sp['device']}: prefill {sp['prefill_tokens_per_s']:.0f} tok/s "
+              f"(batch {sp['batch_size']} x {sp['prompt_len']}), decode {sp['decode_tokens_per_s']:.1f} tok/s "
+              f"({sp['new_tokens']} tokens), weights {sp['weight_bytes'] / 2**20:.1f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "data": str(args.eval_data), **r}, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _markdown(head, rows) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import ModelLoadError
     from .search import BudgetError
     from .structure import UnsupportedModelError
+    from .zeroshot import TaskError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
@@ -189,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
-    except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError) as e:
+    except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError,
+            TaskError) as e:
         print(f"dms-llm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -64,6 +64,79 @@ def perplexity(
     }
 
 
-def evaluate(model, tokenizer, ppl_data=("wikitext2",), seq_len: int | None = None, max_windows: int | None = None) -> dict:
-    """Evaluate an in-memory model: ``{"perplexity": {data: result}}`` for every source in ``ppl_data``."""
-    return {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows) for d in ppl_data}}
+def evaluate(model, tokenizer, ppl_data=("wikitext2",), seq_len: int | None = None, max_windows: int | None = None,
+             tasks=None, include_path=None, limit: int | None = None, measure_speed: bool = False) -> dict:
+    """Evaluate an in-memory model: perplexity on every source in ``ppl_data``, zero-shot accuracy on lm-eval
+    ``tasks`` (local YAML tasks from ``include_path``), and prefill/decode speed if ``measure_speed``."""
+    results: dict = {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows) for d in ppl_data or ()}}
+    if tasks:
+        from .zeroshot import zero_shot
+
+        results["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=include_path, limit=limit)
+    if measure_speed:
+        results["speed"] = speed(model)
+    return results
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def speed(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and decode throughput of ``model`` at a stated batch and length, plus memory.
+
+    Prefill: one forward over ``batch_size x prompt_len`` tokens. Decode: ``new_tokens`` greedy steps of one token
+    with the KV cache after that prefill. The best of ``repeats`` runs is reported (after one warm-up run).
+    Returns tokens/s for both, the weight bytes and, on CUDA, the peak allocated memory."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    was_training = model.training
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best_prefill, best_decode = float("inf"), float("inf")
+    for run in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t2 = time.perf_counter()
+        if run > 0:  # run 0 warms up kernels and allocators
+            best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    model.train(was_training)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    return {
+        "device": str(device),
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch_size * prompt_len / best_prefill,
+        "decode_tokens_per_s": batch_size * new_tokens / best_decode,
+        "weight_bytes": weight_bytes,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def speed_ratios(dense: dict, pruned: dict) -> dict:
+    """Speedups of a pruned model over its dense model, and the decode reference dense bytes / pruned bytes."""
+    reference = dense["weight_bytes"] / pruned["weight_bytes"]
+    decode = pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    return {
+        "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+        "decode_speedup": decode,
+        "decode_reference": reference,
+        "decode_speedup_vs_reference": decode / reference,
+    }

@@ -49,6 +49,12 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     assert info["params_after"] == count_parameters(model) and info["params_before"] == 134_515_008
     assert (out / "dms_structure.png").exists() and (out / "dms_search_log.jsonl").exists()
     assert not list(tmp_path.glob(".*"))  # no temporary folders or search state left behind
+    # zero-shot on the export, offline, with the built-in example task
+    proc = _run("eval", str(out), "--trust-remote-code", "--tasks", "dms_example", "--limit", "8", "--json",
+                str(tmp_path / "zs.json"))
+    assert "dms_example" in proc.stdout and "acc" in proc.stdout
+    zs = json.loads((tmp_path / "zs.json").read_text())["zero_shot"]["dms_example"]
+    assert 0 <= zs["value"] <= 1 and zs["stderr"] is not None and zs["n"] == 8
 
 
 def test_prune_uniform_gives_stock_llama(tmp_path, calib_file):
