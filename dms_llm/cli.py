@@ -165,7 +165,7 @@ def cmd_eval(args) -> int:
     from .loading import load_model
 
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=_device(args.device),
-                                     trust_remote_code=args.trust_remote_code)
+                                     trust_remote_code=args.trust_remote_code, check_supported=False)
     results: dict = {"model": args.model}
     eval_data = args.eval_data or (None if (args.tasks or args.speed) else "wikitext2")
     if eval_data:

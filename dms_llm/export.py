@@ -223,7 +223,7 @@ def export(
                            title=f"{info['params_after'] / 1e6:.1f}M of {info['params_before'] / 1e6:.1f}M parameters")
         except ImportError:  # matplotlib is optional
             logger.warning("matplotlib is not installed: no dms_structure.png")
-        diff = _verify(tmp, probe, reference, uniform, atol)
+        diff = _verify(tmp, probe, reference, uniform, atol, dtype)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,11 +232,11 @@ def export(
     return ExportResult(out, pruned, uniform, diff, info["params_after"])
 
 
-def _verify(folder: Path, probe: torch.Tensor, reference: torch.Tensor, uniform: bool, atol: float) -> float:
+def _verify(folder: Path, probe: torch.Tensor, reference: torch.Tensor, uniform: bool, atol: float, dtype) -> float:
+    """Reload the written folder in the source's dtype and compare its logits with the masked model's."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=not uniform, dtype=torch.float32
-                                                    if reference.dtype == torch.float32 else None)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=not uniform, dtype=dtype)
     reloaded.to(probe.device).eval()
     with torch.no_grad():
         logits = reloaded(input_ids=probe, use_cache=False).logits.float()

@@ -37,7 +37,9 @@ class ResourceModel:
         if self.kind == "params":
             return {
                 "fixed": s.vocab_size * H * (1 if s.tie_word_embeddings else 2) + H,
-                "attn_fixed": H + (H if s.attention_bias else 0),
+                "attn_fixed": H
+                + (H if s.attention_bias and s.model_type != "qwen2" else 0)  # o_proj bias
+                + (2 * d if s.model_type == "qwen3" else 0),  # Qwen3's q_norm / k_norm
                 "per_group": per_group_w + ((r + 2) * d if s.attention_bias else 0),
                 "mlp_fixed": H + (H if s.mlp_bias else 0),
                 "per_channel": per_channel_w + (2 if s.mlp_bias else 0),

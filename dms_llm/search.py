@@ -195,6 +195,10 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     if config.batch_size > len(calib):
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(calib)} calibration samples")
 
+    from accelerate.state import AcceleratorState
+
+    # AcceleratorState is a process-wide singleton; let each search pick its own precision (process group kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     device = accelerator.device

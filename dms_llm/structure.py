@@ -51,6 +51,10 @@ class ModelShape:
             "decoder-only Llama-family models whose layers have self_attn.{q,k,v,o}_proj and "
             "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3)"
         )
+        if model_type == "dms_llama":
+            raise UnsupportedModelError(
+                "this checkpoint was already pruned per layer by dms-llm; prune the original model instead."
+            )
         layers = decoder_layers(model)
         if layers is None or model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -65,10 +69,6 @@ class ModelShape:
                     f"layer {i} of {arch} lacks self_attn.{{q,k,v,o}}_proj or mlp.{{gate,up,down}}_proj. "
                     f"Supported: {supported}."
                 )
-        if model_type == "dms_llama":
-            raise UnsupportedModelError(
-                "this checkpoint was already pruned per layer by dms-llm; prune the original model instead."
-            )
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
         if n_heads % n_kv != 0:
             raise UnsupportedModelError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")

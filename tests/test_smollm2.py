@@ -76,7 +76,7 @@ def test_cli_rejects_bad_budget_before_loading_data(tmp_path):
 def test_eval_command_on_gguf(tmp_path):
     proc = _run("eval", "smollm2-135m", "--eval-data", "pydoc-heldout", "--eval-windows", "1", "--eval-seq-len", "128",
                 "--json", str(tmp_path / "r.json"))
-    r = json.loads((tmp_path / "r.json").read_text())
+    r = json.loads((tmp_path / "r.json").read_text())["perplexity"]
     assert 1 < r["ppl"] < 100 and r["windows"] == 1 and "perplexity" in proc.stdout
     torch.testing.assert_close(r["seq_len"], 128)
 
