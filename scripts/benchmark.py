@@ -14,6 +14,8 @@ import datetime
 import json
 import logging
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +120,7 @@ lines = [START, "", f"### Peer comparison — {args.model}, no weight update", "
          f"Measured {stamp} on {machine}. Calibration: `{meta['calib']}` ({args.num_samples} x {args.seq_len} tokens); "
          f"perplexity: `{meta['eval']}` file text, first {rows[0]['eval_windows']} windows of 2048 tokens. "
          f"Speed: batch 1, prompt 128, 32 decoded tokens, best of 3, same process. "
-         f"Command: `python scripts/benchmark.py{'' if windows == 8 or device == 'cuda' else f' --windows {windows or 0}'}`.",
+         f"Command: `{' '.join(['python scripts/benchmark.py', *map(shlex.quote, sys.argv[1:])])}`.",
          "", "| method | keep | params | ppl | search s | prefill x | decode x | decode ref (bytes) |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
