@@ -10,8 +10,8 @@
 __version__ = "0.1.0"
 
 from .data import calibration_windows, load_text
-from .evaluate import evaluate, perplexity
-from .export import build_pruned_model, export
+from .evaluation import evaluate, perplexity
+from .exporter import build_pruned_model, export
 from .gates import DMSGates, hard_masked
 from .loading import load_model
 from .resources import ResourceModel, count_parameters

@@ -84,8 +84,8 @@ def cmd_prune(args) -> int:
     import torch
 
     from .data import calibration_windows
-    from .evaluate import perplexity
-    from .export import check_output_dir, export
+    from .evaluation import perplexity
+    from .exporter import check_output_dir, export
     from .loading import load_model
     from .resources import ResourceModel
     from .search import BudgetError, PruneConfig, prune, resolve_target
@@ -161,7 +161,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import perplexity, speed
+    from .evaluation import perplexity, speed
     from .loading import load_model
 
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=_device(args.device),
@@ -202,7 +202,7 @@ def _markdown(head, rows) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
-    from .export import ExportError
+    from .exporter import ExportError
     from .loading import ModelLoadError
     from .search import BudgetError
     from .structure import UnsupportedModelError
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
     except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError,
-            TaskError) as e:
+            TaskError, FloatingPointError) as e:
         print(f"dms-llm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -177,7 +177,7 @@ def _disable_checkpointing(model: nn.Module) -> None:
 def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True) -> PruneResult:
     """Search the structure of ``model`` under ``config``'s budget on the calibration windows ``calib``
     ((num_samples, seq_len) token ids). The model is left exactly as it was; export the result with
-    :func:`dms_llm.export`."""
+    :func:`dms_llm.exporter`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -249,6 +249,15 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 r_c = resource.of_gates(gates)
                 res_loss = torch.clamp(torch.log(r_c / r_t), min=0.0)
                 loss = task + config.resource_weight * res_loss
+                if not torch.isfinite(loss):
+                    where = ""
+                    if ckpt is not None:  # the gates still hold the last good state: keep it
+                        _save_checkpoint(ckpt, gates, optimizer, step, history)
+                        where = f"; the state after step {step} is saved in {ckpt}"
+                    raise FloatingPointError(
+                        f"the search loss became {loss.item()} at step {step + 1}{where}. Try --mixed-precision no, "
+                        f"a lower --lr or --resource-weight"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 gates.update_importance()
@@ -278,10 +287,6 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 )
                 logger.info(line)
                 bar.set_postfix_str(f"kl {record['kl']:.3f} hard {_fmt(hard)}/{_fmt(target)}")
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(
-                        f"the search loss became {record['loss']} at step {step + 1}; lower --lr or use fp32"
-                    )
                 if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
                     _save_checkpoint(ckpt, gates, optimizer, step + 1, history)
                 key = [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
@@ -299,6 +304,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         raise
     finally:
         gates.begin_step("off")
+        gates.remove()  # the operators stay usable below; only the hooks go
         if checkpointing:
             _disable_checkpointing(model)
         model.train(was_training)
@@ -306,7 +312,6 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
             p.requires_grad_(flag)
 
     structure = fit_to_budget(gates, resource, target)
-    gates.remove()
     seconds = time.perf_counter() - t0
     if ckpt is not None:
         _save_checkpoint(ckpt, gates, optimizer, steps_run, history)

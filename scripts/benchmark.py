@@ -24,7 +24,7 @@ import torch
 import dms_llm
 from dms_llm.baselines import random_uniform, shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
-from dms_llm.evaluate import speed, speed_ratios
+from dms_llm.evaluation import speed, speed_ratios
 from dms_llm.resources import ResourceModel, count_parameters
 from dms_llm.search import resolve_target
 from dms_llm.structure import ModelShape

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from dms_llm.evaluate import perplexity, speed, speed_ratios
-from dms_llm.export import build_pruned_model
+from dms_llm.evaluation import perplexity, speed, speed_ratios
+from dms_llm.exporter import build_pruned_model
 from dms_llm.structure import ModelShape, Structure
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from dms_llm.export import ExportError, export
+from dms_llm.exporter import ExportError, export
 from dms_llm.gates import hard_masked
 from dms_llm.loading import ModelLoadError, load_model
 from dms_llm.structure import ModelShape, Structure

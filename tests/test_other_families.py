@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
-from dms_llm.export import ExportError, export
+from dms_llm.exporter import ExportError, export
 from dms_llm.gates import hard_masked
 from dms_llm.resources import ResourceModel, count_parameters
 from dms_llm.search import PruneConfig, prune

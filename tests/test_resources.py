@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from dms_llm.export import build_pruned_model
+from dms_llm.exporter import build_pruned_model
 from dms_llm.gates import DMSGates
 from dms_llm.resources import ResourceModel, count_parameters
 from dms_llm.structure import ModelShape, Structure

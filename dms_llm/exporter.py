@@ -160,6 +160,11 @@ def check_output_dir(out_dir: str | Path, source_dir: str | Path | None, overwri
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write to {parent} (read-only or no permission); choose a writable --out")
     return out
 
 
@@ -225,6 +230,12 @@ def export(
             logger.warning("matplotlib is not installed: no dms_structure.png")
         diff = _verify(tmp, probe, reference, uniform, atol, dtype)
         _move_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(
+            f"could not write the export beside {out} ({e.strerror or e}); free disk space or choose another --out. "
+            f"Nothing was changed in {out}."
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
