@@ -217,7 +217,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     optimizer = torch.optim.Adam(gates.parameters(), lr=config.lr)
     optimizer = accelerator.prepare(optimizer)
     history: list[dict] = []
-    start_step = 0
+    start_step, state = 0, {}
     ckpt = Path(config.checkpoint_path) if config.checkpoint_path else None
     if config.resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -225,6 +225,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
         logger.info("resumed the search from %s at step %d", ckpt, start_step)
+    stable = state.get("stable", 0) if start_step else 0
 
     decay_steps = max(1, int(config.target_decay * config.steps))
     t0 = time.perf_counter()
@@ -233,8 +234,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
             if start_step == 0:
                 _warmup(model, gates, calib, config, device)
             bar = tqdm(range(start_step, config.steps), desc="DMS search", disable=not progress, dynamic_ncols=True)
-            last_structure, stable = None, 0
-            step = start_step
+            last_structure = _key(gates.hard_structure()) if start_step else None
             for step in bar:
                 ids = _batch(calib, step, config.batch_size, config.seed).to(device)
                 gates.begin_step("off")
@@ -252,7 +252,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 if not torch.isfinite(loss):
                     where = ""
                     if ckpt is not None:  # the gates still hold the last good state: keep it
-                        _save_checkpoint(ckpt, gates, optimizer, step, history)
+                        _save_checkpoint(ckpt, gates, optimizer, step, history, stable)
                         where = f"; the state after step {step} is saved in {ckpt}"
                     raise FloatingPointError(
                         f"the search loss became {loss.item()} at step {step + 1}{where}. Try --mixed-precision no, "
@@ -287,19 +287,18 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 )
                 logger.info(line)
                 bar.set_postfix_str(f"kl {record['kl']:.3f} hard {_fmt(hard)}/{_fmt(target)}")
-                if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
-                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history)
-                key = [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
+                key = _key(structure)
                 stable = stable + 1 if key == last_structure else 0
                 last_structure = key
+                if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
+                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history, stable)
                 if step + 1 >= decay_steps and hard <= target and stable >= config.patience:
                     logger.info("target met and structure stable for %d steps: stopping at step %d", stable, step + 1)
                     break
-            steps_run = step + 1
             bar.close()
     except KeyboardInterrupt:
         if ckpt is not None:
-            _save_checkpoint(ckpt, gates, optimizer, len(history), history)
+            _save_checkpoint(ckpt, gates, optimizer, len(history), history, stable)
             logger.warning("interrupted: search state of step %d saved to %s (continue with --resume)", len(history), ckpt)
         raise
     finally:
@@ -311,10 +310,11 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         for p, flag in params_state:
             p.requires_grad_(flag)
 
+    steps_run = len(history)
+    if ckpt is not None:
+        _save_checkpoint(ckpt, gates, optimizer, steps_run, history, stable)
     structure = fit_to_budget(gates, resource, target)
     seconds = time.perf_counter() - t0
-    if ckpt is not None:
-        _save_checkpoint(ckpt, gates, optimizer, steps_run, history)
     return PruneResult(
         structure=structure,
         resource_kind=config.resource,
@@ -345,8 +345,14 @@ def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: Prun
         gates.operators[name].set_importance(total / n)
 
 
-def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict]) -> None:
+def _key(structure: Structure) -> list:
+    return [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
+
+
+def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict], stable: int = 0) -> None:
+    """Search state (gates: ratios and importances; Adam; step; log), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history}, tmp)
+    torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
+                "stable": stable}, tmp)
     tmp.replace(path)

@@ -35,17 +35,26 @@ def test_search_is_reproducible_with_a_seed(gqa_model, calib):
     assert a.structure == b.structure
 
 
-def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path):
+def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkeypatch):
+    import dms_llm.search as search_mod
+
     base = dict(keep=0.6, steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=4)
     full = prune(gqa_model, calib, PruneConfig(**base), progress=False)
     ckpt = tmp_path / "state.pt"
-    cut = PruneConfig(**{**base, "steps": 10}, checkpoint_path=str(ckpt))
-    # simulate an interruption after step 8: run 8 steps with checkpoints, then resume to 10
-    first = prune(gqa_model, calib, PruneConfig(**{**base, "steps": 8}, checkpoint_path=str(ckpt)), progress=False)
-    assert torch.load(ckpt, weights_only=False)["step"] == 8
-    cut.resume = True
-    resumed = prune(gqa_model, calib, cut, progress=False)
-    assert first.steps_run == 8 and resumed.steps_run == 10
+    real_batch = search_mod._batch
+
+    def interrupt_at_step_7(windows, step, batch_size, seed):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_batch(windows, step, batch_size, seed)
+
+    monkeypatch.setattr(search_mod, "_batch", interrupt_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
+    assert torch.load(ckpt, weights_only=False)["step"] == 6
+    monkeypatch.setattr(search_mod, "_batch", real_batch)
+    resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
+    assert resumed.steps_run == 10 and resumed.history == full.history
     assert resumed.structure == full.structure
 
 
