@@ -137,6 +137,12 @@ def cmd_prune(args) -> int:
     pruned_ppl = None
     if not args.no_eval:
         pruned_ppl = perplexity(exported.model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+        from .card import write_model_card
+        from .exporter import load_structure_file
+
+        data = str(args.eval_data)
+        write_model_card(out, load_structure_file(out), {"dense": {**dense_ppl, "data": data},
+                                                         "pruned": {**pruned_ppl, "data": data}})
     res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
     dp, pp = res_p.dense(), res_p.of_structure(result.structure)
     dm, pm = res_m.dense(), res_m.of_structure(result.structure)

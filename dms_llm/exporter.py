@@ -223,6 +223,9 @@ def export(
         structure.save(tmp / "dms_structure.json", **info)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        from .card import write_model_card
+
+        write_model_card(tmp, info)
         try:
             from .plot import plot_structure
 
