@@ -113,12 +113,17 @@ def cmd_prune(args) -> int:
     calib = calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples, seed=args.seed)
     logger.info("calibration: %d windows of %d tokens from %s", len(calib), args.seq_len, args.calib)
 
+    from accelerate import PartialState
+
+    main_process = PartialState().is_main_process  # under `accelerate launch` only rank 0 evaluates and writes
     dense_ppl = None
-    if not args.no_eval:
+    if not args.no_eval and main_process:
         dense_ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
         logger.info("dense perplexity %.3f on %s (%d windows of %d)", dense_ppl["ppl"], args.eval_data,
                     dense_ppl["windows"], dense_ppl["seq_len"])
     result = prune(model, calib, config, progress=not args.quiet)
+    if not main_process:
+        return 0
     logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
     metadata = {
         "budget": {"keep": args.keep, "target_params": args.target_params, "resource": args.resource,

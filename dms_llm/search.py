@@ -202,6 +202,9 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     device = accelerator.device
+    world = accelerator.num_processes
+    if config.batch_size * world > len(calib):
+        raise ValueError(f"{world} processes x batch_size {config.batch_size} exceed the {len(calib)} calibration samples")
     model.to(device)
     params_state = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in params_state:
@@ -232,11 +235,12 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     try:
         with accelerator.autocast():
             if start_step == 0:
-                _warmup(model, gates, calib, config, device)
-            bar = tqdm(range(start_step, config.steps), desc="DMS search", disable=not progress, dynamic_ncols=True)
+                _warmup(model, gates, calib, config, device, accelerator)
+            bar = tqdm(range(start_step, config.steps), desc="DMS search", dynamic_ncols=True,
+                       disable=not progress or not accelerator.is_main_process)
             last_structure = _key(gates.hard_structure()) if start_step else None
             for step in bar:
-                ids = _batch(calib, step, config.batch_size, config.seed).to(device)
+                ids = _shard(_batch(calib, step, config.batch_size * world, config.seed), accelerator).to(device)
                 gates.begin_step("off")
                 with torch.no_grad():
                     teacher = model(input_ids=ids, use_cache=False).logits
@@ -260,6 +264,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     )
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
+                _average_gradients(gates, accelerator)
                 gates.update_importance()
                 optimizer.step()
                 gates.clamp_()
@@ -285,7 +290,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     f"res {_fmt(record['resource'])}/{_fmt(r_t)} hard {_fmt(hard)} (target {_fmt(target)}) "
                     f"{_describe(structure)}"
                 )
-                logger.info(line)
+                if accelerator.is_main_process:
+                    logger.info(line)
                 bar.set_postfix_str(f"kl {record['kl']:.3f} hard {_fmt(hard)}/{_fmt(target)}")
                 key = _key(structure)
                 stable = stable + 1 if key == last_structure else 0
@@ -328,17 +334,39 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     )
 
 
-def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: PruneConfig, device) -> None:
+def _shard(batch: torch.Tensor, accelerator) -> torch.Tensor:
+    """This process's rows of a global batch (all rows in a single process)."""
+    n = accelerator.num_processes
+    return batch if n == 1 else batch.chunk(n)[accelerator.process_index]
+
+
+def _average_gradients(gates: DMSGates, accelerator) -> None:
+    """Data parallel: average the mask gradients (importances) and the ``a`` gradients over processes, so every
+    process takes the same step and the result equals one process on the global batch."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    tensors = [m.grad for m in gates._step_masks.values() if m.grad is not None]
+    tensors += [p.grad for p in gates.parameters() if p.grad is not None]
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(accelerator.num_processes)
+
+
+def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: PruneConfig, device, accelerator) -> None:
     """Initial Taylor importances from the dense model: mean of g^2 under the LM loss over a few batches.
 
     (The distillation loss has zero gradient at the dense model, so the warm-up uses the LM loss.)"""
     sums: dict[str, torch.Tensor] = {}
     n = max(1, config.warmup_steps)
     for i in range(n):
-        ids = _batch(calib, i, config.batch_size, config.seed + 1).to(device)
+        ids = _shard(_batch(calib, i, config.batch_size * accelerator.num_processes, config.seed + 1), accelerator)
+        ids = ids.to(device)
         gates.begin_step("ones")
         loss = _lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
         loss.backward()
+        _average_gradients(gates, accelerator)
         for name, (_, grad) in gates.mask_gradients().items():
             sums[name] = sums.get(name, 0) + grad.detach().float().pow(2)
     for name, total in sums.items():
@@ -350,7 +378,11 @@ def _key(structure: Structure) -> list:
 
 
 def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict], stable: int = 0) -> None:
-    """Search state (gates: ratios and importances; Adam; step; log), written atomically."""
+    """Search state (gates: ratios and importances; Adam; step; log), written atomically by the main process."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,

@@ -1,0 +1,29 @@
+"""Data-parallel search: 2 CPU processes under accelerate give the structure of 1 process on the same global batch.
+
+accelerate 1.15 runs `accelerate launch --cpu --num_processes 2` as ONE process unless mpirun is set up; two CPU
+processes come from its torchrun path (`--multi_gpu`), which falls back to the gloo backend without CUDA."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HELPER = os.path.join(os.path.dirname(__file__), "ddp_search.py")
+
+
+def test_two_process_search_equals_single_process(tmp_path):
+    single = subprocess.run([sys.executable, HELPER, str(tmp_path / "one.json"), "--batch-size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = shutil.which("accelerate") or "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    multi = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                            HELPER, str(tmp_path / "two.json"), "--batch-size", "1"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert one["hard"] == two["hard"]
+    assert one["structure"] == two["structure"]
