@@ -115,7 +115,8 @@ def cmd_prune(args) -> int:
 
     from accelerate import PartialState
 
-    main_process = PartialState().is_main_process  # under `accelerate launch` only rank 0 evaluates and writes
+    # under `accelerate launch` only rank 0 evaluates and writes (cpu=... as in prune(), or CPU ranks see no group)
+    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     dense_ppl = None
     if not args.no_eval and main_process:
         dense_ppl = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
