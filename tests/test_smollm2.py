@@ -89,3 +89,13 @@ def test_cli_rejects_keep_out_of_range_at_once(tmp_path, keep):
     proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "smollm2-135m", f"--keep={keep}", "--out",
                            str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr
+
+
+def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
+    import math
+
+    out = tmp_path / "bf16"
+    _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "64",
+         "--num-samples", "4", "--out", str(out), "--no-eval", "--quiet", "--mixed-precision", "bf16")
+    log = [json.loads(line) for line in (out / "dms_search_log.jsonl").read_text().splitlines()]
+    assert len(log) == 5 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in log)
