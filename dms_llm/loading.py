@@ -50,6 +50,22 @@ def resolve_source(name_or_path: str) -> tuple[str, str | None, Path | None]:
     return name_or_path, None, None  # a Hub id
 
 
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """``general.architecture`` from a GGUF header (no weights are read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelLoadError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
 def _check_config(config, source: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -80,6 +96,13 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if gguf_file and check_supported:
+        arch = gguf_architecture(Path(target) / gguf_file)
+        if arch not in GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{name_or_path} is a GGUF of architecture {arch!r}; dms-llm prunes Llama-family GGUFs "
+                f"({', '.join(GGUF_ARCHITECTURES)})"
+            )
     try:
         if not gguf_file:
             config = AutoConfig.from_pretrained(target, **kwargs)

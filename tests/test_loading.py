@@ -36,3 +36,20 @@ def test_missing_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_gguf_that_is_not_a_llama_is_refused_before_loading_weights(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny-gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="GGUF of architecture 'gpt2'"):
+        load_model(str(path))
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+        load_model(str(tmp_path / "broken.gguf"))
