@@ -16,7 +16,7 @@ from torch import nn
 
 from .gates import DMSGates
 from .resources import ResourceModel
-from .search import _lm_loss, fit_to_budget
+from .search import dense_mask_gradients, fit_to_budget
 from .structure import ModelShape, Structure, decoder_layers
 
 
@@ -38,14 +38,11 @@ def taylor_uniform(model: nn.Module, calib: torch.Tensor, target: int, mlp_unit:
     for p, _ in flags:
         p.requires_grad_(False)
     sums: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
     try:
-        for i in range(0, len(calib), batch_size):
-            ids = calib[i : i + batch_size].to(device)
-            gates.begin_step("ones")
-            _lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
-            for name, (_, grad) in gates.mask_gradients().items():
-                sums[name] = sums.get(name, 0) + grad.detach().float()
+        batches = (calib[i : i + batch_size] for i in range(0, len(calib), batch_size))
+        for grads in dense_mask_gradients(model, gates, batches):
+            for name, grad in grads.items():
+                sums[name] = sums.get(name, 0) + grad
     finally:
         gates.begin_step("off")
         gates.remove()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -49,8 +48,8 @@ def render_model_card(info: dict, perplexity: dict | None = None) -> str:
 
 def write_model_card(folder: str | Path, info: dict, perplexity: dict | None = None) -> Path:
     """Write ``README.md`` atomically into ``folder``."""
+    from .exporter import write_atomic
+
     path = Path(folder) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text(render_model_card(info, perplexity))
-    os.replace(tmp, path)
+    write_atomic(path, render_model_card(info, perplexity))
     return path

@@ -85,7 +85,8 @@ def cmd_prune(args) -> int:
 
     from .data import calibration_windows
     from .evaluation import perplexity
-    from .exporter import check_output_dir, export
+    from .card import write_model_card
+    from .exporter import check_output_dir, export, load_structure_file, write_atomic
     from .loading import load_model
     from .resources import ResourceModel
     from .search import BudgetError, PruneConfig, prune, resolve_target
@@ -140,18 +141,14 @@ def cmd_prune(args) -> int:
                       extra_files={"dms_search_log.jsonl": "\n".join(json.dumps(h) for h in result.history) + "\n"})
     Path(config.checkpoint_path).unlink(missing_ok=True)
 
+    info = load_structure_file(out)  # parameters and MACs as the export recorded them
     pruned_ppl = None
     if not args.no_eval:
         pruned_ppl = perplexity(exported.model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
-        from .card import write_model_card
-        from .exporter import load_structure_file
-
         data = str(args.eval_data)
-        write_model_card(out, load_structure_file(out), {"dense": {**dense_ppl, "data": data},
-                                                         "pruned": {**pruned_ppl, "data": data}})
-    res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
-    dp, pp = res_p.dense(), res_p.of_structure(result.structure)
-    dm, pm = res_m.dense(), res_m.of_structure(result.structure)
+        write_model_card(out, info, {"dense": {**dense_ppl, "data": data}, "pruned": {**pruned_ppl, "data": data}})
+    dp, pp = info["params_before"], info["params_after"]
+    dm, pm = info["macs_2048_before"], info["macs_2048_after"]
     rows = [
         ("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}"),
         ("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}"),
@@ -168,7 +165,7 @@ def cmd_prune(args) -> int:
     print(_markdown(("", "dense", "pruned", "pruned/dense"), rows))
     summary = {"params": [dp, pp], "macs_2048": [dm, pm], "ppl": [dense_ppl, pruned_ppl],
                "search_seconds": result.search_seconds, "steps_run": result.steps_run}
-    (out / "dms_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "dms_summary.json", json.dumps(summary, indent=1))
     return 0
 
 

@@ -276,5 +276,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file into a finished export without ever leaving it half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_structure_file(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "dms_structure.json").read_text())

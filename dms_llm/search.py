@@ -148,14 +148,6 @@ def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int) -> Stru
     return apply(hi)
 
 
-def _describe(structure: Structure) -> str:
-    heads = sum(structure.num_heads())
-    ch = sum(structure.intermediate_sizes())
-    attn = sum(1 for layer in structure.layers if layer.kv_heads)
-    mlp = sum(1 for layer in structure.layers if layer.channels)
-    return f"heads {heads} ch {ch} attn {attn} mlp {mlp}"
-
-
 def _fmt(x: float) -> str:
     return f"{x / 1e9:.3f}G" if x >= 1e9 else f"{x / 1e6:.2f}M"
 
@@ -235,7 +227,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     try:
         with accelerator.autocast():
             if start_step == 0:
-                _warmup(model, gates, calib, config, device, accelerator)
+                _warmup(model, gates, calib, config, accelerator)
             bar = tqdm(range(start_step, config.steps), desc="DMS search", dynamic_ncols=True,
                        disable=not progress or not accelerator.is_main_process)
             last_structure = _key(gates.hard_structure()) if start_step else None
@@ -279,16 +271,14 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     "resource": r_c.item(),
                     "target_now": float(r_t),
                     "hard_resource": hard,
-                    "heads": sum(structure.num_heads()),
-                    "channels": sum(structure.intermediate_sizes()),
-                    "attn_blocks": sum(1 for x in structure.layers if x.kv_heads),
-                    "mlp_blocks": sum(1 for x in structure.layers if x.channels),
+                    **structure.counts(),
                 }
                 history.append(record)
                 line = (
                     f"step {step + 1}/{config.steps} loss {record['loss']:.4f} kl {record['kl']:.4f} "
                     f"res {_fmt(record['resource'])}/{_fmt(r_t)} hard {_fmt(hard)} (target {_fmt(target)}) "
-                    f"{_describe(structure)}"
+                    f"heads {record['heads']} ch {record['channels']} attn {record['attn_blocks']} "
+                    f"mlp {record['mlp_blocks']}"
                 )
                 if accelerator.is_main_process:
                     logger.info(line)
@@ -354,23 +344,34 @@ def _average_gradients(gates: DMSGates, accelerator) -> None:
         t.div_(accelerator.num_processes)
 
 
-def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: PruneConfig, device, accelerator) -> None:
+def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: PruneConfig, accelerator) -> None:
     """Initial Taylor importances from the dense model: mean of g^2 under the LM loss over a few batches.
 
     (The distillation loss has zero gradient at the dense model, so the warm-up uses the LM loss.)"""
     sums: dict[str, torch.Tensor] = {}
     n = max(1, config.warmup_steps)
-    for i in range(n):
-        ids = _shard(_batch(calib, i, config.batch_size * accelerator.num_processes, config.seed + 1), accelerator)
-        ids = ids.to(device)
-        gates.begin_step("ones")
-        loss = _lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
-        loss.backward()
-        _average_gradients(gates, accelerator)
-        for name, (_, grad) in gates.mask_gradients().items():
-            sums[name] = sums.get(name, 0) + grad.detach().float().pow(2)
+    batches = (
+        _shard(_batch(calib, i, config.batch_size * accelerator.num_processes, config.seed + 1), accelerator)
+        for i in range(n)
+    )
+    for grads in dense_mask_gradients(model, gates, batches, accelerator):
+        for name, grad in grads.items():
+            sums[name] = sums.get(name, 0) + grad.pow(2)
     for name, total in sums.items():
         gates.operators[name].set_importance(total / n)
+
+
+def dense_mask_gradients(model: nn.Module, gates: DMSGates, batches, accelerator=None):
+    """For each batch of token ids: dL_LM/dm of every operator's mask at the dense model (all masks 1),
+    averaged over processes when ``accelerator`` runs several. Weights should be frozen by the caller."""
+    device = next(model.parameters()).device
+    for ids in batches:
+        ids = ids.to(device)
+        gates.begin_step("ones")
+        _lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        if accelerator is not None:
+            _average_gradients(gates, accelerator)
+        yield {name: grad.detach().float() for name, (_, grad) in gates.mask_gradients().items()}
 
 
 def _key(structure: Structure) -> list:

@@ -147,14 +147,21 @@ class Structure:
         channels = {len(layer.channels) for layer in kept}
         return len(heads) == 1 and len(channels) == 1 and 0 not in heads and 0 not in channels
 
+    def counts(self) -> dict[str, int]:
+        """Totals over the model: kept layers, attention and MLP blocks, query heads, MLP channels."""
+        return {
+            "layers": len(self.kept_layers()),
+            "attn_blocks": sum(1 for layer in self.layers if layer.kv_heads),
+            "mlp_blocks": sum(1 for layer in self.layers if layer.channels),
+            "heads": sum(self.num_heads()),
+            "channels": sum(self.intermediate_sizes()),
+        }
+
     def summary(self) -> str:
-        kept = self.kept_layers()
-        attn = sum(1 for layer in self.layers if layer.kv_heads)
-        mlp = sum(1 for layer in self.layers if layer.channels)
-        heads = sum(self.num_heads())
+        c = self.counts()
         return (
-            f"layers {len(kept)}/{len(self.layers)}, attention blocks {attn}, MLP blocks {mlp}, "
-            f"query heads {heads}, MLP channels {sum(self.intermediate_sizes())}"
+            f"layers {c['layers']}/{len(self.layers)}, attention blocks {c['attn_blocks']}, MLP blocks "
+            f"{c['mlp_blocks']}, query heads {c['heads']}, MLP channels {c['channels']}"
         )
 
     # -- (de)serialisation ---------------------------------------------------------------------------------

@@ -71,7 +71,6 @@ class DifferentiableTopK(nn.Module):
         self.momentum = momentum
         self.ratio = nn.Parameter(torch.zeros(1 if shared_ratio else rows))
         self.register_buffer("importance", torch.zeros(rows, num_units))
-        self.register_buffer("importance_initialized", torch.zeros((), dtype=torch.bool))
 
     @property
     def max_ratio(self) -> float:
@@ -112,22 +111,11 @@ class DifferentiableTopK(nn.Module):
     def set_importance(self, importance: torch.Tensor) -> None:
         """Start the moving average from a warm-up estimate."""
         self.importance.copy_(importance)
-        self.importance_initialized.fill_(True)
 
     @torch.no_grad()
     def clamp_(self) -> None:
         """Keep ``a`` in [0, 1 - min_units / N]."""
         self.ratio.clamp_(0.0, self.max_ratio)
-
-    @torch.no_grad()
-    def set_ratio_for_counts(self, counts: torch.Tensor) -> None:
-        """Set ``a`` so that :meth:`kept_counts` returns ``counts`` (shared ratio: counts must be equal)."""
-        ratios = 1.0 - counts.double() / self.num_units
-        if self.shared_ratio:
-            if not bool((counts == counts[0]).all()):
-                raise ValueError("a shared-ratio operator keeps the same count in every row")
-            ratios = ratios[:1]
-        self.ratio.copy_(ratios.to(self.ratio.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -136,9 +124,4 @@ class DifferentiableTopK(nn.Module):
         )
 
 
-def expected_kept_fraction(op: DifferentiableTopK) -> torch.Tensor:
-    """Differentiable kept fraction (1 - a) per row, used by the resource model."""
-    return 1.0 - op.ratios()
-
-
-__all__ = ["DifferentiableTopK", "normalized_ranks", "integer_ranks", "expected_kept_fraction"]
+__all__ = ["DifferentiableTopK", "normalized_ranks", "integer_ranks"]

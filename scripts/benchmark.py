@@ -94,8 +94,6 @@ for keep in args.keeps:
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-meta = {"date": stamp, "machine": machine, "model": args.model, "calib": Path(args.calib).name,
-        "eval": Path(args.eval_data).name, "eval_windows": rows[0]["eval_windows"], "steps": args.steps}
 (out / "results.json").write_text(json.dumps([{**r, **{"date": stamp, "machine": machine}} for r in rows], indent=1))
 
 import matplotlib  # noqa: E402
@@ -117,8 +115,8 @@ fig.tight_layout()
 fig.savefig(out / "ppl_vs_params.png", dpi=110)
 
 lines = [START, "", f"### Peer comparison — {args.model}, no weight update", "",
-         f"Measured {stamp} on {machine}. Calibration: `{meta['calib']}` ({args.num_samples} x {args.seq_len} tokens); "
-         f"perplexity: `{meta['eval']}` file text, first {rows[0]['eval_windows']} windows of 2048 tokens. "
+         f"Measured {stamp} on {machine}. Calibration: `{Path(args.calib).name}` ({args.num_samples} x {args.seq_len} tokens); "
+         f"perplexity: `{Path(args.eval_data).name}` file text, first {rows[0]['eval_windows']} windows of 2048 tokens. "
          f"Speed: batch 1, prompt 128, 32 decoded tokens, best of 3, same process. "
          f"Command: `{' '.join(['python scripts/benchmark.py', *map(shlex.quote, sys.argv[1:])])}`.",
          "", "| method | keep | params | ppl | search s | prefill x | decode x | decode ref (bytes) |",

@@ -1,7 +1,6 @@
 import random
 
 import pytest
-import torch
 
 from dms_llm.exporter import build_pruned_model
 from dms_llm.gates import DMSGates
