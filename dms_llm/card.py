@@ -1,55 +1,125 @@
-"""A model card (README.md with Hub metadata) for an export, rendered with huggingface_hub."""
+"""A model card (README.md with Hub metadata) for an export, rendered with huggingface_hub from the contents of
+``dms_structure.json``: base model, tags, datasets, perplexity results, structure, how to load it, how it was
+made."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# data sources dms-llm knows by name -> (Hub dataset id, config, pretty name)
+DATASETS = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "WikiText-2"),
+    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "Penn Treebank"),
+    "c4": ("allenai/c4", "en", "C4"),
+}
+_WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")  # the WikiText-2 distribution's file names
 
 
-def render_model_card(info: dict, perplexity: dict | None = None) -> str:
-    """Card text from the contents of ``dms_structure.json`` (+ optional dense/pruned perplexity)."""
+def hub_base_model(base: str | None) -> str | None:
+    """The Hub id of the model that was pruned, or None when it was a local path."""
+    base = HUB_IDS.get(base, base)
+    if base and base.count("/") == 1 and not Path(base).exists() and not base.endswith(".gguf"):
+        return base
+    return None
+
+
+def dataset_of(source: str | None) -> tuple[str, str | None, str] | None:
+    """(Hub id, config, pretty name) of a calibration / evaluation source, when it is a known public dataset."""
+    if not source:
+        return None
+    if source in DATASETS:
+        return DATASETS[source]
+    if _WIKITEXT_FILE.match(Path(source).name):
+        return DATASETS["wikitext2"]
+    return None
+
+
+def _eval_results(info: dict):
+    from huggingface_hub import EvalResult
+
+    results = []
+    for label, r in (info.get("perplexity") or {}).items():
+        if not r or label == "dense":
+            continue
+        known = dataset_of(r.get("data"))
+        hub_id, config, name = known if known else (Path(str(r.get("data"))).name, None, Path(str(r.get("data"))).name)
+        results.append(EvalResult(
+            task_type="text-generation", task_name="Language modelling", dataset_type=hub_id, dataset_name=name,
+            dataset_config=config, dataset_split="test" if known else None, metric_type="perplexity",
+            metric_value=round(float(r["ppl"]), 3),
+            metric_name=f"perplexity ({label}, {r['windows']} x {r['seq_len']}-token windows)",
+        ))
+    return results
+
+
+def render_model_card(info: dict, repo_id: str | None = None) -> str:
+    """Card text from the contents of ``dms_structure.json`` (``repo_id``: the Hub repo it is published to)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = info.get("base_model")
-    base = HUB_IDS.get(base, base)
-    hub_base = base if base and "/" in base and not Path(base).exists() else None
+    shown_base = HUB_IDS.get(base, base)
+    hub_base = hub_base_model(base)
     per_layer = info.get("format", "").startswith("per-layer")
+    recovery = info.get("recovery")
+    tags = ["pruned", "dms", "dms-llm", "structured-pruning"]
+    if recovery:
+        tags += ["distillation"] + (["lora"] if recovery.get("lora") else [])
+    sources = [info.get("search", {}).get("calibration"), (recovery or {}).get("calibration")]
+    datasets = sorted({d[0] for d in map(dataset_of, sources) if d})
+    eval_results = _eval_results(info)
+    name = repo_id.split("/")[-1] if repo_id else f"{Path(str(shown_base or 'model')).name}-dms"
     data = ModelCardData(base_model=hub_base, library_name="transformers", pipeline_tag="text-generation",
-                         tags=["pruned", "dms", "dms-llm", "structured-pruning"])
+                         tags=tags, datasets=datasets or None, model_name=name if eval_results else None,
+                         eval_results=eval_results or None)
     before, after = info.get("params_before", 0), info.get("params_after", 0)
-    load = "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if per_layer else \
-        "AutoModelForCausalLM.from_pretrained(path)"
+    load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if per_layer else
+            "AutoModelForCausalLM.from_pretrained(path)")
     lines = [
         "---", data.to_yaml(), "---", "",
-        f"# {base or 'model'} pruned with DMS", "",
-        f"A structurally pruned version of `{base}` made with dms-llm (Differentiable Model Scaling): "
+        f"# {shown_base or 'model'} pruned with DMS", "",
+        f"A structurally pruned version of `{shown_base}` made with dms-llm (Differentiable Model Scaling): "
         f"{after:,} of {before:,} parameters ({after / max(before, 1):.1%}), "
         f"{info.get('num_layers_after')} of {info.get('num_layers_before')} layers. "
         f"Format: {info.get('format')}.", "",
-        "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)", "```", "",
+        "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'path = "{repo_id}"' if repo_id else 'path = "."  # this folder, or its Hub id once pushed', f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "```", "",
+    ]
+    if per_layer:
+        lines += ["Each layer has its own number of heads and MLP channels, so the config and modeling code "
+                  "(`configuration_dms_llama.py`, `modeling_dms_llama.py`, built on transformers' Llama modules) are "
+                  "saved beside the weights; only `transformers` is needed to load it, not dms-llm. "
+                  "peft LoRA adapters apply to it as to any Llama.", ""]
+    lines += [
         "## Structure", "",
         f"Query heads kept per layer: {info.get('kept_query_heads')}", "",
         f"MLP channels kept per layer: {info.get('kept_mlp_channels')}", "",
         "![kept structure per layer](dms_structure.png)", "",
     ]
-    if perplexity:
+    ppl = {k: v for k, v in (info.get("perplexity") or {}).items() if v}
+    if ppl:
         lines += ["## Perplexity", "", "| model | perplexity | data |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {v['ppl']:.3f} | {v['data']}, {v['windows']} x {v['seq_len']} tokens |"
-                  for k, v in perplexity.items() if v]
+        lines += [f"| {k} | {v['ppl']:.3f} | {v['data']}, {v['windows']} x {v['seq_len']} tokens |" for k, v in ppl.items()]
         lines.append("")
-    if info.get("command"):
-        lines += ["## How it was made", "", "```bash", info["command"], "```", ""]
-    lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights "
-              "were sliced from the original model.", ""]
+    made = [c for c in (info.get("command"), (recovery or {}).get("command")) if c]
+    if made:
+        lines += ["## How it was made", "", "```bash", *made, "```", ""]
+    if recovery:
+        lines += [f"The structure was searched with frozen weights; the kept weights were then finetuned by "
+                  f"distillation from the dense model on {recovery.get('tokens_seen', 0):,} tokens of "
+                  f"`{recovery.get('calibration')}` ({'LoRA, merged' if recovery.get('lora') else 'all weights'}).", ""]
+    else:
+        lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights "
+                  "were sliced from the original model.", ""]
     return str(ModelCard("\n".join(lines)))
 
 
-def write_model_card(folder: str | Path, info: dict, perplexity: dict | None = None) -> Path:
+def write_model_card(folder: str | Path, info: dict) -> Path:
     """Write ``README.md`` atomically into ``folder``."""
     from .exporter import write_atomic
 
     path = Path(folder) / "README.md"
-    write_atomic(path, render_model_card(info, perplexity))
+    write_atomic(path, render_model_card(info))
     return path

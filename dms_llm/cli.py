@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-step log lines")
     _add_eval_args(p, "pydoc-heldout")
 
+    p.add_argument("--push-to-hub", metavar="USER/NAME", default=None, help="also upload the export to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+    f = sub.add_parser("finetune", help="recover a pruned export by distillation from the dense model (full or LoRA)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(f)
+    f.add_argument("--out", required=True, help="output folder for the recovered checkpoint")
+    f.add_argument("--teacher", default=None, help="the dense model (default: the base model the export records)")
+    f.add_argument("--no-teacher", action="store_true", help="no distillation: train on the LM loss only")
+    f.add_argument("--calib", default="pydoc", help="training text: pydoc, wikitext2, c4, a .txt/.jsonl file or folder")
+    f.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (steps = tokens / batch)")
+    f.add_argument("--seq-len", type=int, default=512, help="training sequence length")
+    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with --lora, else 5e-5)")
+    f.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them, not all weights")
+    f.add_argument("--lora-rank", type=int, default=16)
+    f.add_argument("--lora-alpha", type=int, default=32)
+    f.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher || student)")
+    f.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the LM loss (1 with --no-teacher)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    f.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    f.add_argument("--quiet", action="store_true", help="no per-step log lines")
+    f.add_argument("--push-to-hub", metavar="USER/NAME", default=None, help="also upload the result to this Hub repo")
+    f.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    _add_eval_args(f, "pydoc-heldout")
+
+    u = sub.add_parser("push", help="upload an export (weights, tokenizer, config + code, structure, plot, card) "
+                                    "to the Hugging Face Hub",
+                       description="Upload a dms-llm export to a Hub model repo. The token comes from HF_TOKEN or "
+                                   "`hf auth login` and is never printed. Uploaded: *.safetensors, config.json (+ "
+                                   "configuration/modeling_dms_llama.py for per-layer exports), tokenizer and "
+                                   "generation config, dms_structure.json, dms_structure.png, logs, and a model card "
+                                   "(README.md) with base_model, tags, datasets and perplexity results. The local "
+                                   "folder is never changed; a failed upload says what failed.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    u.add_argument("folder", help="output folder of dms-llm prune or dms-llm finetune")
+    u.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub model repo (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--message", default=None, help="commit message")
+    u.add_argument("--dry-run", metavar="DIR", default=None,
+                   help="do not upload: write exactly what would be uploaded into DIR and list it")
+
     e = sub.add_parser("eval", help="perplexity, zero-shot accuracy (lm-eval) and speed of a model or an export",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(e)
@@ -85,8 +132,7 @@ def cmd_prune(args) -> int:
 
     from .data import calibration_windows
     from .evaluation import perplexity
-    from .card import write_model_card
-    from .exporter import check_output_dir, export, load_structure_file, write_atomic
+    from .exporter import check_output_dir, export, load_structure_file, update_structure_file, write_atomic
     from .loading import load_model
     from .resources import ResourceModel
     from .search import BudgetError, PruneConfig, prune, resolve_target
@@ -134,7 +180,7 @@ def cmd_prune(args) -> int:
                    "calibration": str(args.calib), "seq_len": args.seq_len, "num_samples": args.num_samples,
                    "config": result.config},
         "base_model": args.model,
-        "command": "dms-llm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": _command_line(args),
     }
     exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
                       overwrite=args.overwrite or args.resume, metadata=metadata,
@@ -146,7 +192,8 @@ def cmd_prune(args) -> int:
     if not args.no_eval:
         pruned_ppl = perplexity(exported.model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
         data = str(args.eval_data)
-        write_model_card(out, info, {"dense": {**dense_ppl, "data": data}, "pruned": {**pruned_ppl, "data": data}})
+        info = update_structure_file(out, perplexity={"dense": {**dense_ppl, "data": data},
+                                                      "pruned": {**pruned_ppl, "data": data}})
     dp, pp = info["params_before"], info["params_after"]
     dm, pm = info["macs_2048_before"], info["macs_2048_after"]
     rows = [
@@ -166,6 +213,119 @@ def cmd_prune(args) -> int:
     summary = {"params": [dp, pp], "macs_2048": [dm, pm], "ppl": [dense_ppl, pruned_ppl],
                "search_seconds": result.search_seconds, "steps_run": result.steps_run}
     write_atomic(out / "dms_summary.json", json.dumps(summary, indent=1))
+    if args.push_to_hub:
+        _push(out, args.push_to_hub, args.private)
+    return 0
+
+
+def _push(folder: Path, repo: str, private: bool) -> None:
+    from .hub import push
+
+    url = push(folder, repo, private=private)
+    print(f"uploaded {folder} to {url}")
+
+
+def _command_line(args) -> str:
+    return "dms-llm " + " ".join(shlex.quote(str(a)) for a in args.argv)
+
+
+def cmd_finetune(args) -> int:
+    import math
+
+    import torch
+    from accelerate import PartialState
+
+    from .data import calibration_windows
+    from .evaluation import perplexity
+    from .exporter import check_output_dir, load_structure_file
+    from .finetune import FinetuneConfig, FinetuneError, finetune, save_recovered
+    from .loading import ModelLoadError, load_model, resolve_source
+
+    t_start = time.perf_counter()
+    if args.tokens < args.seq_len:
+        raise FinetuneError(f"--tokens {args.tokens} is less than one window of --seq-len {args.seq_len}")
+    _, _, source_dir = resolve_source(args.model)
+    if source_dir is None:
+        raise ModelLoadError(f"{args.model} is not a local folder; download the export first "
+                             f"(hf download {args.model} --local-dir DIR) and finetune DIR")
+    info = load_structure_file(source_dir)  # fails early on a folder that is not a dms-llm export
+    out = check_output_dir(args.out, source_dir, args.overwrite or args.resume)
+    teacher_name = None if args.no_teacher else (args.teacher or info.get("base_model"))
+    if not args.no_teacher and not teacher_name:
+        raise ModelLoadError(f"{source_dir} does not record its base model: pass --teacher DENSE or --no-teacher")
+    lm_weight = args.lm_loss_weight if not args.no_teacher else (args.lm_loss_weight or 1.0)
+    config = FinetuneConfig(
+        tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lora=args.lora, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, kl_weight=0.0 if args.no_teacher else args.kl_weight, lm_loss_weight=lm_weight,
+        seed=args.seed, mixed_precision=args.mixed_precision, resume=args.resume,
+        checkpoint_path=str(out.parent / f".{out.name}.recovery-state.pt"),
+    )
+    if config.lora and importlib.util.find_spec("peft") is None:
+        raise FinetuneError("--lora needs peft: pip install 'dms-llm[peft]'")
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=device,
+                                     trust_remote_code=args.trust_remote_code, check_supported=False)
+    teacher = None
+    if teacher_name:
+        teacher, _, teacher_dir = load_model(teacher_name, dtype=args.dtype, device=device,
+                                             trust_remote_code=args.trust_remote_code, check_supported=False)
+        check_output_dir(args.out, teacher_dir, True)  # never write into the teacher's folder either
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ModelLoadError(f"--teacher {teacher_name} has a vocabulary of {teacher.config.vocab_size}, the "
+                                 f"pruned model {model.config.vocab_size}: distill from the model that was pruned")
+    wanted = math.ceil(args.tokens / args.seq_len)
+    windows = calibration_windows(tokenizer, args.calib, args.seq_len, wanted, seed=args.seed, allow_fewer=True)
+    if len(windows) < wanted:
+        logger.info("%s holds %d windows of %d tokens: the %d-token budget reuses them for %.1f epochs", args.calib,
+                    len(windows), args.seq_len, args.tokens, args.tokens / (len(windows) * args.seq_len))
+    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    data = str(args.eval_data)
+    before = None
+    if not args.no_eval and main_process:
+        before = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+        logger.info("perplexity before recovery %.3f on %s", before["ppl"], data)
+    result = finetune(model, windows, config, teacher=teacher, progress=not args.quiet)
+    if not main_process:
+        return 0
+    after = None
+    if not args.no_eval:
+        after = perplexity(model, tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+    recovery = {
+        "teacher": teacher_name, "calibration": str(args.calib), "tokens": args.tokens,
+        "tokens_seen": result.tokens_seen, "steps": result.steps_run, "seq_len": args.seq_len,
+        "lora": args.lora, "seconds": round(result.seconds, 2), "config": result.config, "command": _command_line(args),
+    }
+    ppl = {"pruned": {**before, "data": data}, "recovered": {**after, "data": data}} if after else None
+    save_recovered(model, out, source_dir, tokenizer=tokenizer, recovery=recovery, overwrite=args.overwrite or args.resume,
+                   perplexity=ppl, extra_files={"dms_recovery_log.jsonl": "".join(json.dumps(h) + "\n"
+                                                                                   for h in result.history)})
+    Path(config.checkpoint_path).unlink(missing_ok=True)
+    print()
+    print(f"recovery of {args.model} -> {out}: {result.steps_run} steps, {result.tokens_seen:,} tokens, "
+          f"{result.seconds:.1f} s ({'LoRA, merged' if args.lora else 'all weights'}; "
+          f"teacher {teacher_name or 'none'})")
+    if before and after:
+        label = f"perplexity ({Path(data).name}, {after['windows']}x{after['seq_len']} tokens)"
+        print(_markdown(("", "before", "after", "after/before"),
+                        [(label, f"{before['ppl']:.3f}", f"{after['ppl']:.3f}", f"{after['ppl'] / before['ppl']:.3f}"),
+                         ("total time", "", f"{time.perf_counter() - t_start:.1f} s", "")]))
+    if args.push_to_hub:
+        _push(out, args.push_to_hub, args.private)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import files_to_upload, stage
+
+    if args.dry_run:
+        staged = stage(args.folder, args.repo, args.dry_run)
+        print(f"would upload to {args.repo} ({'private' if args.private else 'public'}) the files in {staged}:")
+        for name in sorted(p.name for p in staged.iterdir()):
+            print(f"  {name}")
+        return 0
+    files_to_upload(args.folder)  # a clear error before any network call
+    _push(Path(args.folder), args.repo, args.private)
     return 0
 
 
@@ -209,29 +369,47 @@ def _markdown(head, rows) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .exporter import ExportError
+    from .finetune import FinetuneError
+    from .hub import PushError
     from .loading import ModelLoadError
     from .search import BudgetError
     from .structure import UnsupportedModelError
     from .zeroshot import TaskError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the export as the command that made it
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # a scheduler's SIGTERM saves the state like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    else:
+        previous = None
+
     try:
         with logging_redirect_tqdm():
-            return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+            return {"prune": cmd_prune, "finetune": cmd_finetune, "push": cmd_push, "eval": cmd_eval}[args.command](args)
     except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError,
-            TaskError, FloatingPointError) as e:
+            TaskError, FloatingPointError, PushError, FinetuneError) as e:
         print(f"dms-llm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dms-llm: interrupted; run the same command with --resume to continue the search", file=sys.stderr)
+        print("dms-llm: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

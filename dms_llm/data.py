@@ -148,9 +148,10 @@ def tokenize_text(tokenizer, text: str, chunk_chars: int = 1_000_000) -> torch.T
 
 
 def calibration_windows(
-    tokenizer, source: str | Path, seq_len: int, num_samples: int, seed: int = 0
+    tokenizer, source: str | Path, seq_len: int, num_samples: int, seed: int = 0, allow_fewer: bool = False
 ) -> torch.Tensor:
-    """``num_samples`` non-overlapping windows of ``seq_len`` tokens drawn at random (by ``seed``) from ``source``.
+    """``num_samples`` non-overlapping windows of ``seq_len`` tokens drawn at random (by ``seed``) from ``source``
+    (with ``allow_fewer``, as many as the text holds when that is fewer, but at least one).
 
     Returns a (num_samples, seq_len) int64 tensor."""
     if seq_len < 2 or num_samples < 1:
@@ -159,6 +160,8 @@ def calibration_windows(
     text = load_text(source, split="train", max_chars=max(2_000_000, 40 * seq_len * num_samples))
     ids = tokenize_text(tokenizer, text)
     available = len(ids) // seq_len
+    if allow_fewer and available >= 1:
+        num_samples = min(num_samples, available)
     if available < num_samples:
         raise DataError(
             f"calibration data {str(source)!r} has {len(ids)} tokens: enough for {available} windows of {seq_len}, "

@@ -142,9 +142,10 @@ def build_pruned_model(model: nn.Module, structure: Structure) -> nn.Module:
     return new
 
 
-def _probe_ids(shape: ModelShape, device) -> torch.Tensor:
+def probe_ids(vocab_size: int, device) -> torch.Tensor:
+    """Fixed random token ids on which a written checkpoint is compared with the model in memory."""
     g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, shape.vocab_size, (2, 48), generator=g).to(device)
+    return torch.randint(0, vocab_size, (2, 48), generator=g).to(device)
 
 
 def check_output_dir(out_dir: str | Path, source_dir: str | Path | None, overwrite: bool) -> Path:
@@ -185,41 +186,63 @@ def export(
     shape = ModelShape.from_model(model)
     structure.validate(shape)
     out = check_output_dir(out_dir, source_dir, overwrite)
-    dtype = next(model.parameters()).dtype
-    atol = atol if atol is not None else (1e-3 if dtype == torch.float32 else 1e-1)
     device = next(model.parameters()).device
-    probe = _probe_ids(shape, device)
+    probe = probe_ids(shape.vocab_size, device)
     with torch.no_grad(), hard_masked(model, structure):
         reference = model(input_ids=probe, use_cache=False).logits.float()
     pruned = build_pruned_model(model, structure)
     uniform = structure.is_uniform()
 
+    res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
+    info = {
+        "format": "uniform (stock config)" if uniform else "per-layer (trust_remote_code)",
+        "source_architecture": type(model).__name__,
+        "num_layers_before": shape.num_layers,
+        "num_layers_after": len(structure.kept_layers()),
+        "dense_query_heads": shape.num_heads,
+        "dense_mlp_channels": shape.intermediate_size,
+        "kept_query_heads": structure.num_heads(),
+        "kept_kv_heads": structure.num_kv_heads(),
+        "kept_mlp_channels": structure.intermediate_sizes(),
+        "attention_blocks_kept": [bool(x.kv_heads) for x in structure.layers],
+        "mlp_blocks_kept": [bool(x.channels) for x in structure.layers],
+        "params_before": res_p.dense(),
+        "params_after": res_p.of_structure(structure),
+        "macs_2048_before": res_m.dense(),
+        "macs_2048_after": res_m.of_structure(structure),
+        **(metadata or {}),
+    }
+    diff = write_checkpoint(pruned, out, structure, info, probe, reference, tokenizer=tokenizer, atol=atol,
+                            extra_files=extra_files)
+    return ExportResult(out, pruned, uniform, diff, info["params_after"])
+
+
+def write_checkpoint(
+    model: nn.Module,
+    out: Path,
+    structure: Structure,
+    info: dict,
+    probe: torch.Tensor,
+    reference: torch.Tensor,
+    tokenizer=None,
+    atol: float | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> float:
+    """Save ``model`` with tokenizer, ``dms_structure.json`` (``info`` + structure), the structure plot, a model
+    card and ``extra_files`` into a temporary folder beside ``out``; reload it and check its logits on ``probe``
+    against ``reference``; then move it into place. Returns the max abs logit difference."""
+    dtype = next(model.parameters()).dtype
+    atol = atol if atol is not None else (1e-3 if dtype == torch.float32 else 1e-1)
+    uniform = structure.is_uniform()
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        pruned.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
-        info = {
-            "format": "uniform (stock config)" if uniform else "per-layer (trust_remote_code)",
-            "source_architecture": type(model).__name__,
-            "num_layers_before": shape.num_layers,
-            "num_layers_after": len(structure.kept_layers()),
-            "kept_query_heads": structure.num_heads(),
-            "kept_kv_heads": structure.num_kv_heads(),
-            "kept_mlp_channels": structure.intermediate_sizes(),
-            "attention_blocks_kept": [bool(x.kv_heads) for x in structure.layers],
-            "mlp_blocks_kept": [bool(x.channels) for x in structure.layers],
-            "params_before": res_p.dense(),
-            "params_after": res_p.of_structure(structure),
-            "macs_2048_before": res_m.dense(),
-            "macs_2048_after": res_m.of_structure(structure),
-            **(metadata or {}),
-        }
         structure.save(tmp / "dms_structure.json", **info)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -229,7 +252,7 @@ def export(
         try:
             from .plot import plot_structure
 
-            plot_structure(structure, shape.num_heads, shape.intermediate_size, tmp / "dms_structure.png",
+            plot_structure(structure, info["dense_query_heads"], info["dense_mlp_channels"], tmp / "dms_structure.png",
                            title=f"{info['params_after'] / 1e6:.1f}M of {info['params_before'] / 1e6:.1f}M parameters")
         except ImportError:  # matplotlib is optional
             logger.warning("matplotlib is not installed: no dms_structure.png")
@@ -244,8 +267,8 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %s (%s), reloaded logits max abs diff %.2e", out, info["format"], diff)
-    return ExportResult(out, pruned, uniform, diff, info["params_after"])
+    logger.info("saved %s (%s), reloaded logits max abs diff %.2e", out, info["format"], diff)
+    return diff
 
 
 def _verify(folder: Path, probe: torch.Tensor, reference: torch.Tensor, uniform: bool, atol: float, dtype) -> float:
@@ -284,4 +307,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def load_structure_file(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "dms_structure.json").read_text())
+    """The contents of an export's ``dms_structure.json`` (structure, sizes, how it was made, results)."""
+    path = Path(folder) / "dms_structure.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} has no dms_structure.json: it is not a dms-llm export")
+    return json.loads(path.read_text())
+
+
+def update_structure_file(folder: str | Path, **values) -> dict:
+    """Add ``values`` to a finished export's ``dms_structure.json`` and re-render its model card, atomically."""
+    from .card import write_model_card
+
+    info = {**load_structure_file(folder), **values}
+    write_atomic(Path(folder) / "dms_structure.json", json.dumps(info, indent=1))
+    write_model_card(folder, info)
+    return info

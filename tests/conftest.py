@@ -35,3 +35,57 @@ def mha_model():
 def calib():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (8, 32), generator=g)
+
+
+def char_tokenizer():
+    """A 128-token character-level tokenizer (ASCII), so tiny models can go through the command line."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(128)}, unk_token="?"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="\x02", eos_token="\x03", pad_token="\x00")
+
+
+TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(400))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def dense_folder(tmp_path):
+    """A tiny random GQA Llama saved with a tokenizer, as a user's local checkpoint."""
+    folder = tmp_path / "dense"
+    tiny_llama().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def per_layer_structure(model):
+    from dms_llm.structure import ModelShape, Structure
+
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[0].channels = s.layers[0].channels[:48]
+    s.layers[1].kv_heads = [1]
+    s.layers[2].kv_heads = []
+    s.layers[3].channels = []
+    return s
+
+
+@pytest.fixture
+def pruned_folder(tmp_path, dense_folder):
+    """A per-layer dms-llm export of ``dense_folder`` (base model recorded as a Hub-style id)."""
+    from dms_llm.exporter import export
+
+    model = LlamaForCausalLM.from_pretrained(dense_folder)
+    out = tmp_path / "pruned"
+    export(model, per_layer_structure(model), out, tokenizer=char_tokenizer(), source_dir=dense_folder,
+           metadata={"base_model": "example-org/tiny-llama", "command": "dms-llm prune example-org/tiny-llama",
+                     "search": {"calibration": "wikitext2"}})
+    return out
