@@ -64,8 +64,9 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
     per_layer = info.get("format", "").startswith("per-layer")
     recovery = info.get("recovery")
     tags = ["pruned", "dms", "dms-llm", "structured-pruning"]
-    if recovery:
-        tags += ["distillation"] + (["lora"] if recovery.get("lora") else [])
+    joint = bool((info.get("search") or {}).get("config", {}).get("joint"))
+    if recovery or joint:
+        tags += ["distillation"] + (["lora"] if joint or (recovery or {}).get("lora") else [])
     sources = [info.get("search", {}).get("calibration"), (recovery or {}).get("calibration")]
     datasets = sorted({d[0] for d in map(dataset_of, sources) if d})
     eval_results = _eval_results(info)
@@ -110,6 +111,10 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         lines += [f"The structure was searched with frozen weights; the kept weights were then finetuned by "
                   f"distillation from the dense model on {recovery.get('tokens_seen', 0):,} tokens of "
                   f"`{recovery.get('calibration')}` ({'LoRA, merged' if recovery.get('lora') else 'all weights'}).", ""]
+    elif (info.get("search") or {}).get("config", {}).get("joint"):
+        rank = info["search"]["config"].get("lora_rank")
+        lines += [f"Joint search: LoRA adapters (rank {rank}) were trained together with the structure by "
+                  f"distillation from the dense model and merged into the kept weights before slicing.", ""]
     else:
         lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights "
                   "were sliced from the original model.", ""]

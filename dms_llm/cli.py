@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--joint", action="store_true",
+                   help="joint mode: train LoRA adapters (peft) together with the structure, merge them, export")
+    p.add_argument("--joint-lr", type=float, default=1e-4, help="with --joint: learning rate of the LoRA adapters")
+    p.add_argument("--lora-rank", type=int, default=16, help="with --joint: LoRA rank")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (steps = tokens / batch)")
     f.add_argument("--seq-len", type=int, default=512, help="training sequence length")
     f.add_argument("--batch-size", type=int, default=4)
-    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with --lora, else 5e-5)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with --lora, else 1e-4)")
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them, not all weights")
     f.add_argument("--lora-rank", type=int, default=16)
     f.add_argument("--lora-alpha", type=int, default=32)
@@ -148,8 +152,11 @@ def cmd_prune(args) -> int:
         keep=args.keep, target=args.target_params, resource=args.resource, uniform=args.uniform,
         mlp_unit=args.mlp_unit, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         resource_weight=args.resource_weight, lm_loss_weight=args.lm_loss_weight, seed=args.seed,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision, joint=args.joint, joint_lr=args.joint_lr, lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
     )
+    if args.joint and importlib.util.find_spec("peft") is None:
+        raise ImportError("--joint trains LoRA adapters and needs peft: pip install 'dms-llm[peft]'")
     model, tokenizer, source_dir = load_model(args.model, dtype=args.dtype, device=_device(args.device),
                                               trust_remote_code=args.trust_remote_code)
     out = check_output_dir(args.out, source_dir, args.overwrite or args.resume)
@@ -179,7 +186,7 @@ def cmd_prune(args) -> int:
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
                    "calibration": str(args.calib), "seq_len": args.seq_len, "num_samples": args.num_samples,
                    "config": result.config},
-        "base_model": args.model,
+        "base_model": _model_reference(args.model),
         "command": _command_line(args),
     }
     exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
@@ -225,6 +232,15 @@ def _push(folder: Path, repo: str, private: bool) -> None:
     print(f"uploaded {folder} to {url}")
 
 
+def _model_reference(name: str) -> str:
+    """How an export records its base model: a local path absolute (so a later finetune finds its teacher from any
+    folder), a Hub id or the embedded default's name as given."""
+    from .loading import EMBEDDED
+
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in EMBEDDED and path.exists() else name
+
+
 def _command_line(args) -> str:
     return "dms-llm " + " ".join(shlex.quote(str(a)) for a in args.argv)
 
@@ -261,7 +277,7 @@ def cmd_finetune(args) -> int:
         checkpoint_path=str(out.parent / f".{out.name}.recovery-state.pt"),
     )
     if config.lora and importlib.util.find_spec("peft") is None:
-        raise FinetuneError("--lora needs peft: pip install 'dms-llm[peft]'")
+        raise ImportError("--lora needs peft: pip install 'dms-llm[peft]'")
     torch.manual_seed(args.seed)
     device = _device(args.device)
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=device,
@@ -401,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return {"prune": cmd_prune, "finetune": cmd_finetune, "push": cmd_push, "eval": cmd_eval}[args.command](args)
     except (BudgetError, DataError, ExportError, ModelLoadError, UnsupportedModelError, FileNotFoundError,
-            TaskError, FloatingPointError, PushError, FinetuneError) as e:
+            TaskError, FloatingPointError, PushError, FinetuneError, ImportError) as e:
         print(f"dms-llm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ class FinetuneConfig:
 
     tokens: int = 200_000
     batch_size: int = 4
-    lr: float | None = None  # default: 2e-4 with LoRA, 5e-5 for all weights
+    lr: float | None = None  # default: 2e-4 with LoRA, 1e-4 for all weights
     lora: bool = False
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -54,7 +54,7 @@ class FinetuneConfig:
     resume: bool = False
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora else 5e-5)
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-4)
 
 
 @dataclass
@@ -146,7 +146,9 @@ def finetune(
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-    trained, optimizer, scheduler = accelerator.prepare(trained, optimizer, scheduler)
+    # the schedule is not prepared: accelerate would step it once per process, but `steps` already counts
+    # global batches
+    trained, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("recovery: %d steps of %d x %d tokens, %s trainable parameters (%s), lr %.1e", steps, global_batch,
                 windows.shape[1], f"{n_trainable:,}", "LoRA" if config.lora else "all weights", config.learning_rate())
 
@@ -202,6 +204,8 @@ def finetune(
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if world > 1:  # log the global batch's losses, not this process's share
+                loss, kl, lm = (accelerator.reduce(t.detach(), reduction="mean") for t in (loss, kl, lm))
             record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "lm": lm.item(),
                       "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                       "tokens": (step + 1) * global_batch * windows.shape[1]}

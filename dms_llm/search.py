@@ -4,7 +4,8 @@
 
 Weights stay frozen; only the operators' ``a``s are trained (Adam), and the Taylor importances are updated
 from the task-loss gradients of the masks. The teacher is the same model with the gates off, so no second copy
-is held in memory. ``r_t`` decays exponentially from the dense cost to the target over the first part of the
+is held in memory. In joint mode LoRA adapters (peft) train together with the ``a``s (the teacher runs with the
+adapters disabled) and are merged into the weights at the end. ``r_t`` decays exponentially from the dense cost to the target over the first part of the
 search, then holds; the search stops at ``steps`` or once the hard structure meets the target and has not
 changed for ``patience`` steps. A final projection raises every ``a`` by the same amount if the hard choice is
 still above the target, so the returned structure always meets the budget.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,10 @@ class PruneConfig:
     checkpoint_path: str | None = None
     checkpoint_every: int = 25
     resume: bool = False
+    joint: bool = False  # also train LoRA adapters during the search, merged into the weights at the end
+    joint_lr: float = 1e-4
+    lora_rank: int = 16
+    lora_alpha: int = 32
 
 
 @dataclass
@@ -71,6 +77,7 @@ class PruneResult:
     steps_run: int
     history: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    weights_updated: bool = False  # joint mode: LoRA merged into the model's weights
 
     @property
     def met_budget(self) -> bool:
@@ -168,8 +175,8 @@ def _disable_checkpointing(model: nn.Module) -> None:
 
 def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True) -> PruneResult:
     """Search the structure of ``model`` under ``config``'s budget on the calibration windows ``calib``
-    ((num_samples, seq_len) token ids). The model is left exactly as it was; export the result with
-    :func:`dms_llm.exporter`."""
+    ((num_samples, seq_len) token ids). The model is left exactly as it was, except in joint mode, where the trained
+    LoRA adapters are merged into its weights; export the result with :func:`dms_llm.export`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -208,8 +215,17 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     checkpointing = checkpointing and _enable_checkpointing(model)
     model.train(checkpointing)  # transformers checkpoints only in train mode; Llama has no dropout
 
+    adapters = None
+    if config.joint:  # inject LoRA before the gates, so the gate hooks sit on the adapted modules
+        from .finetune import _add_lora
+
+        adapters = _add_lora(model, config)
     gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit, momentum=config.importance_momentum)
-    optimizer = torch.optim.Adam(gates.parameters(), lr=config.lr)
+    lora_params = [p for p in model.parameters() if p.requires_grad] if adapters is not None else []
+    groups = [{"params": list(gates.parameters()), "lr": config.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": config.joint_lr})
+    optimizer = torch.optim.Adam(groups)
     optimizer = accelerator.prepare(optimizer)
     history: list[dict] = []
     start_step, state = 0, {}
@@ -217,13 +233,18 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     if config.resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         gates.load_state_dict(state["gates"])
+        if adapters is not None:
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in state["lora"].items():
+                    named[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
         logger.info("resumed the search from %s at step %d", ckpt, start_step)
     stable = state.get("stable", 0) if start_step else 0
 
     decay_steps = max(1, int(config.target_decay * config.steps))
-    t0 = time.perf_counter()
+    t0, completed = time.perf_counter(), False
     try:
         with accelerator.autocast():
             if start_step == 0:
@@ -234,7 +255,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
             for step in bar:
                 ids = _shard(_batch(calib, step, config.batch_size * world, config.seed), accelerator).to(device)
                 gates.begin_step("off")
-                with torch.no_grad():
+                with torch.no_grad(), (adapters.disable_adapter() if adapters is not None else nullcontext()):
                     teacher = model(input_ids=ids, use_cache=False).logits
                 gates.begin_step("soft")
                 student = model(input_ids=ids, use_cache=False).logits
@@ -248,7 +269,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 if not torch.isfinite(loss):
                     where = ""
                     if ckpt is not None:  # the gates still hold the last good state: keep it
-                        _save_checkpoint(ckpt, gates, optimizer, step, history, stable)
+                        _save_checkpoint(ckpt, gates, optimizer, step, history, stable, lora_params and model)
                         where = f"; the state after step {step} is saved in {ckpt}"
                     raise FloatingPointError(
                         f"the search loss became {loss.item()} at step {step + 1}{where}. Try --mixed-precision no, "
@@ -256,7 +277,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     )
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
-                _average_gradients(gates, accelerator)
+                _average_gradients(gates, accelerator, lora_params)
                 gates.update_importance()
                 optimizer.step()
                 gates.clamp_()
@@ -287,19 +308,22 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 stable = stable + 1 if key == last_structure else 0
                 last_structure = key
                 if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
-                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history, stable)
+                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history, stable, lora_params and model)
                 if step + 1 >= decay_steps and hard <= target and stable >= config.patience:
                     logger.info("target met and structure stable for %d steps: stopping at step %d", stable, step + 1)
                     break
             bar.close()
+        completed = True
     except KeyboardInterrupt:
         if ckpt is not None:
-            _save_checkpoint(ckpt, gates, optimizer, len(history), history, stable)
+            _save_checkpoint(ckpt, gates, optimizer, len(history), history, stable, lora_params and model)
             logger.warning("interrupted: search state of step %d saved to %s (continue with --resume)", len(history), ckpt)
         raise
     finally:
         gates.begin_step("off")
         gates.remove()  # the operators stay usable below; only the hooks go
+        if adapters is not None:  # merged when the search completed, else removed: the model is as it was given
+            adapters.merge_and_unload() if completed else adapters.unload()
         if checkpointing:
             _disable_checkpointing(model)
         model.train(was_training)
@@ -308,7 +332,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
 
     steps_run = len(history)
     if ckpt is not None:
-        _save_checkpoint(ckpt, gates, optimizer, steps_run, history, stable)
+        _save_checkpoint(ckpt, gates, optimizer, steps_run, history, stable, lora_params and model)
     structure = fit_to_budget(gates, resource, target)
     seconds = time.perf_counter() - t0
     return PruneResult(
@@ -321,6 +345,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         steps_run=steps_run,
         history=history,
         config=asdict(config),
+        weights_updated=adapters is not None,
     )
 
 
@@ -330,7 +355,7 @@ def _shard(batch: torch.Tensor, accelerator) -> torch.Tensor:
     return batch if n == 1 else batch.chunk(n)[accelerator.process_index]
 
 
-def _average_gradients(gates: DMSGates, accelerator) -> None:
+def _average_gradients(gates: DMSGates, accelerator, extra_params=()) -> None:
     """Data parallel: average the mask gradients (importances) and the ``a`` gradients over processes, so every
     process takes the same step and the result equals one process on the global batch."""
     if accelerator.num_processes == 1:
@@ -338,7 +363,7 @@ def _average_gradients(gates: DMSGates, accelerator) -> None:
     import torch.distributed as dist
 
     tensors = [m.grad for m in gates._step_masks.values() if m.grad is not None]
-    tensors += [p.grad for p in gates.parameters() if p.grad is not None]
+    tensors += [p.grad for p in [*gates.parameters(), *extra_params] if p.grad is not None]
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(accelerator.num_processes)
@@ -378,14 +403,17 @@ def _key(structure: Structure) -> list:
     return [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
 
 
-def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict], stable: int = 0) -> None:
-    """Search state (gates: ratios and importances; Adam; step; log), written atomically by the main process."""
+def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict], stable: int = 0,
+                     adapted_model: nn.Module | None = None) -> None:
+    """Search state (gates: ratios and importances; Adam; step; log; joint mode: the LoRA weights), written
+    atomically by the main process."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    lora = {n: p.detach().clone() for n, p in adapted_model.named_parameters() if p.requires_grad} if adapted_model else {}
     torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
-                "stable": stable}, tmp)
+                "stable": stable, "lora": lora}, tmp)
     tmp.replace(path)

@@ -12,21 +12,35 @@ import sys
 HELPER = os.path.join(os.path.dirname(__file__), "ddp_search.py")
 
 
-def test_two_process_search_equals_single_process(tmp_path):
-    single = subprocess.run([sys.executable, HELPER, str(tmp_path / "one.json"), "--batch-size", "2"],
+def _one_and_two_processes(tmp_path, *extra, port=29517):
+    single = subprocess.run([sys.executable, HELPER, str(tmp_path / "one.json"), "--batch-size", "2", *extra],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     launcher = shutil.which("accelerate") or "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                            HELPER, str(tmp_path / "two.json"), "--batch-size", "1"],
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                            HELPER, str(tmp_path / "two.json"), "--batch-size", "1", *extra],
                            capture_output=True, text=True, timeout=300, env=env)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    return json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+
+
+def test_two_process_search_equals_single_process(tmp_path):
+    one, two = _one_and_two_processes(tmp_path)
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["hard"] == two["hard"]
     assert one["structure"] == two["structure"]
+
+
+def test_two_process_finetune_equals_single_process(tmp_path):
+    import pytest
+
+    one, two = _one_and_two_processes(tmp_path, "--finetune", port=29519)
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
+    for name, weights in one["weights"].items():
+        assert weights == pytest.approx(two["weights"][name], abs=1e-5), name
 
 
 def test_cli_under_two_processes_writes_once(tmp_path):

@@ -79,3 +79,52 @@ def test_bf16_mixed_precision_search_is_finite(gqa_model, calib):
     result = prune(gqa_model, calib, cfg, progress=False)
     assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"]])).all() for h in result.history)
     assert result.met_budget
+
+
+def _plain_linears(model):
+    return all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj")))
+
+
+def test_joint_search_merges_lora_and_exports_the_merged_weights(gqa_model, calib, tmp_path):
+    from dms_llm.exporter import export
+
+    before = {k: v.clone() for k, v in gqa_model.state_dict().items()}
+    cfg = PruneConfig(keep=0.7, steps=8, warmup_steps=1, batch_size=2, joint=True, joint_lr=1e-2, lora_rank=4,
+                      patience=100)
+    result = prune(gqa_model, calib, cfg, progress=False)
+    assert result.weights_updated and result.pruned_resource <= result.target_resource
+    assert _plain_linears(gqa_model) and set(gqa_model.state_dict()) == set(before)
+    changed = [k for k, v in gqa_model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith(("proj.weight")) for k in changed)  # only the adapted Linear weights moved
+    exported = export(gqa_model, result.structure, tmp_path / "out")  # checks reload == hard-masked merged model
+    assert exported.max_abs_diff <= 1e-3
+
+
+def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, calib, tmp_path, monkeypatch):
+    import dms_llm.search as search_mod
+
+    base = dict(keep=0.6, steps=8, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=3,
+                joint=True, joint_lr=1e-2, lora_rank=4)
+    original = {k: v.clone() for k, v in gqa_model.state_dict().items()}
+    import copy
+
+    straight_model = copy.deepcopy(gqa_model)
+    full = prune(straight_model, calib, PruneConfig(**base), progress=False)
+    ckpt, real_batch = tmp_path / "state.pt", search_mod._batch
+
+    def interrupt_at_step_6(windows, step, batch_size, seed):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_batch(windows, step, batch_size, seed)
+
+    monkeypatch.setattr(search_mod, "_batch", interrupt_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
+    assert _plain_linears(gqa_model)
+    assert all(torch.equal(v, original[k]) for k, v in gqa_model.state_dict().items())  # adapters dropped, unmerged
+    assert torch.load(ckpt, weights_only=False)["lora"]
+    monkeypatch.setattr(search_mod, "_batch", real_batch)
+    resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
+    assert resumed.structure == full.structure and resumed.history == full.history
+    for (name, a), b in zip(straight_model.state_dict().items(), gqa_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

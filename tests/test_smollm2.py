@@ -99,3 +99,23 @@ def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
          "--num-samples", "4", "--out", str(out), "--no-eval", "--quiet", "--mixed-precision", "bf16")
     log = [json.loads(line) for line in (out / "dms_search_log.jsonl").read_text().splitlines()]
     assert len(log) == 5 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in log)
+
+
+def test_bf16_recovery_on_smollm2_stays_finite(calib_file):
+    """Distillation in bf16 autocast (fp32 KL softmax, fp32 master weights) gives finite losses on the real model."""
+    import dms_llm
+    from dms_llm.finetune import FinetuneConfig, finetune
+    from dms_llm.structure import ModelShape, Structure
+
+    dense, tok, _ = dms_llm.load_model("smollm2-135m")
+    structure = Structure.dense(ModelShape.from_model(dense))
+    for i in (5, 9, 13):
+        structure.layers[i].kv_heads, structure.layers[i].channels = [], []
+    structure.layers[20].channels = structure.layers[20].channels[:512]
+    pruned = dms_llm.build_pruned_model(dense, structure)
+    windows = dms_llm.calibration_windows(tok, calib_file, 64, 4)
+    result = finetune(pruned, windows, FinetuneConfig(tokens=3 * 2 * 64, batch_size=2, mixed_precision="bf16"),
+                      teacher=dense, progress=False)
+    assert result.steps_run == 3
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"], h["grad_norm"]])).all() for h in result.history)
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())
