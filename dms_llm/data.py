@@ -42,29 +42,47 @@ def _pydoc_text(part: str) -> str:
     return "\n\n".join(topics[k] for k in chosen)
 
 
-def _read_text_file(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise DataError(f"{path} looks binary (it contains NUL bytes); give a UTF-8 text or JSONL file")
+def _read_text_file(path: Path, max_chars: int | None = None) -> str:
+    """The text of a UTF-8 file, read only up to ``max_chars`` characters (big corpora are never read whole)."""
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(65536):
+            raise DataError(f"{path} looks binary (it contains NUL bytes); give a UTF-8 text or JSONL file")
     try:
-        text = raw.decode("utf-8")
+        with open(path, encoding="utf-8", newline=None) as f:  # universal newlines
+            return f.read(max_chars if max_chars else -1)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 or give another file") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _records(path: Path):
+    """(line number, parsed record) of a JSONL file, streamed; a ``.json`` array is parsed whole."""
+    if path.suffix == ".json":
+        content = _read_text_file(path)
+        if content.lstrip().startswith("["):
+            yield from enumerate(json.loads(content), 1)
+            return
+        lines = content.splitlines()
+    else:
+        _read_text_file(path, 65536)  # the binary / encoding checks, on the first block
+        lines = open(path, encoding="utf-8")
+    try:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); convert it to UTF-8 or give another file") from None
+    finally:
+        if hasattr(lines, "close"):
+            lines.close()
 
 
 def _read_jsonl(path: Path, max_chars: int | None) -> str:
     texts, total = [], 0
-    content = _read_text_file(path)
-    records = None
-    if path.suffix == ".json" and content.lstrip().startswith("["):
-        records = json.loads(content)
-    lines = records if records is not None else (line for line in content.splitlines() if line.strip())
-    for n, item in enumerate(lines, 1):
-        try:
-            record = item if records is not None else json.loads(item)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    for n, record in _records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f'{path}: record {n} has no string field "text"; JSONL data needs {{"text": ...}} per line')
         texts.append(record["text"])
@@ -114,11 +132,18 @@ def load_text(source: str | Path, split: str = "train", max_chars: int | None = 
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSON_SUFFIXES)
             if not files:
                 raise DataError(f"folder {path} holds no .txt/.raw/.tokens/.jsonl/.json files")
-            text = "\n\n".join(load_text(p, split, max_chars) for p in files)
+            parts, total = [], 0
+            for file in files:  # stop reading once enough text is in hand
+                parts.append(_read_jsonl(file, max_chars) if file.suffix in JSON_SUFFIXES else
+                             _read_text_file(file, max_chars))
+                total += len(parts[-1])
+                if max_chars and total >= max_chars:
+                    break
+            text = "\n\n".join(parts)
         elif path.suffix in JSON_SUFFIXES:
             text = _read_jsonl(path, max_chars)
         else:
-            text = _read_text_file(path)
+            text = _read_text_file(path, max_chars)
     elif src.lower() in HUB_ALIASES:
         text = _hub_text(HUB_ALIASES[src.lower()], split, max_chars)
     else:

@@ -66,3 +66,34 @@ def test_calibration_windows_are_seeded_and_checked(tmp_path):
     assert not torch.equal(w, calibration_windows(tok, path, 50, 5, seed=2))
     with pytest.raises(DataError, match="Lower --num-samples"):
         calibration_windows(tok, path, seq_len=500, num_samples=5)
+
+
+def test_big_local_corpora_are_read_only_as_far_as_needed(tmp_path, monkeypatch):
+    """Calibration never reads a large file whole: text files stop at the character cap, JSONL is streamed (a
+    broken line after the cap is never parsed), folders stop at the first files that fill the cap."""
+    import dms_llm.data as data_mod
+
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 1_000_000)  # 5M characters
+    seen = {}
+    real_tokenize = data_mod.tokenize_text
+
+    def tokenize(tokenizer, text, **kw):
+        seen["chars"] = len(text)
+        return real_tokenize(tokenizer, text, **kw)
+
+    monkeypatch.setattr(data_mod, "tokenize_text", tokenize)
+    windows = calibration_windows(CharTokenizer(), big, seq_len=16, num_samples=4)
+    assert windows.shape == (4, 16) and seen["chars"] == 2_000_000
+    lines = [json.dumps({"text": "x" * 1000})] * 3000 + ["{ not json"]
+    (tmp_path / "big.jsonl").write_text("\n".join(lines))
+    assert len(load_text(tmp_path / "big.jsonl", max_chars=100_000)) < 110_000
+    with pytest.raises(DataError, match="line 3001 is not valid JSON"):
+        load_text(tmp_path / "big.jsonl")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"shard{i} " * 50_000)
+    (folder / "3.txt").write_bytes(b"\x00binary")  # never reached
+    text = load_text(folder, max_chars=500_000)
+    assert "shard1" in text and "shard2" not in text
