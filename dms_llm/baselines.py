@@ -1,7 +1,8 @@
 """Peer methods in the same harness, each returning a :class:`Structure` at the same budget as DMS.
 
 - ``taylor_uniform``: LLM-Pruner-style first-order Taylor importance (|dL/dm| of each KV group and MLP channel
-  unit at the dense model, summed over calibration batches) with the same widths in every layer.
+  unit at the dense model, summed over calibration batches) with the same widths in every pruned layer; as in
+  LLM-Pruner's recipe (layers 4..29 of 32 for Llama-7B) the first 4 and the last 2 layers are left dense.
 - ``shortgpt``: ShortGPT layer removal by Block Influence, BI = 1 - cos(layer input, layer output) averaged over
   calibration tokens; the layers of lowest BI are removed until the budget is met.
 - ``random_uniform``: random KV groups and channels, the same widths in every layer.
@@ -31,8 +32,42 @@ def _uniform_fit(model: nn.Module, importances: dict[str, torch.Tensor], target:
         gates.remove()
 
 
-def taylor_uniform(model: nn.Module, calib: torch.Tensor, target: int, mlp_unit: int = 8, batch_size: int = 1) -> Structure:
-    """LLM-Pruner-style: importance = |sum over calibration batches of dL/dm| per unit, uniform widths."""
+def _fit_spared(shape: ModelShape, importances: dict[str, torch.Tensor], target: int, mlp_unit: int,
+                spared: set[int]) -> Structure:
+    """Spared layers stay dense; every other layer keeps the same fraction of its KV groups and MLP units (its
+    most important ones), the largest fraction that meets the budget."""
+    resource = ResourceModel(shape)
+    n_units = shape.intermediate_size // mlp_unit
+
+    def build(fraction: float) -> Structure:
+        structure = Structure.dense(shape)
+        kh = max(1, round(fraction * shape.num_kv_heads))
+        kc = max(1, round(fraction * n_units))
+        for i, layer in enumerate(structure.layers):
+            if i in spared:
+                continue
+            layer.kv_heads = sorted(importances["heads"][i].topk(kh).indices.tolist())
+            units = sorted(importances["channels"][i].topk(kc).indices.tolist())
+            layer.channels = [u * mlp_unit + j for u in units for j in range(mlp_unit)]
+        return structure
+
+    if resource.of_structure(build(0.0)) > target:
+        raise ValueError(f"with {len(spared)} layers left dense no uniform width of the others meets {target:,} "
+                         f"parameters; spare fewer layers")
+    lo, hi = 0.0, 1.0  # cost grows with the fraction
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if resource.of_structure(build(mid)) <= target else (lo, mid)
+    return build(lo)
+
+
+def taylor_uniform(model: nn.Module, calib: torch.Tensor, target: int, mlp_unit: int = 8, batch_size: int = 1,
+                   spare_first: int = 4, spare_last: int = 2) -> Structure:
+    """LLM-Pruner-style: importance = |sum over calibration batches of dL/dm| per unit; the first ``spare_first``
+    and last ``spare_last`` layers stay dense, the others get the same widths."""
+    shape = ModelShape.from_model(model)
+    if spare_first + spare_last >= shape.num_layers:
+        raise ValueError(f"sparing {spare_first} + {spare_last} of {shape.num_layers} layers leaves none to prune")
     gates = DMSGates(model, mlp_unit=mlp_unit, search_depth=False)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -48,7 +83,11 @@ def taylor_uniform(model: nn.Module, calib: torch.Tensor, target: int, mlp_unit:
         gates.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return _uniform_fit(model, {k: v.abs() for k, v in sums.items()}, target, mlp_unit)
+    importances = {k: v.abs() for k, v in sums.items()}
+    spared = set(range(spare_first)) | set(range(shape.num_layers - spare_last, shape.num_layers))
+    if not spared:
+        return _uniform_fit(model, importances, target, mlp_unit)
+    return _fit_spared(shape, importances, target, mlp_unit, spared)
 
 
 @torch.no_grad()

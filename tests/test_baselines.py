@@ -10,9 +10,18 @@ def test_baselines_meet_the_budget_with_their_shapes(gqa_model, calib):
     res = ResourceModel(shape)
     target = int(0.75 * res.dense())
     before = {k: v.clone() for k, v in gqa_model.state_dict().items()}
-    for structure in (taylor_uniform(gqa_model, calib, target, batch_size=2), random_uniform(gqa_model, target)):
+    uniform_taylor = taylor_uniform(gqa_model, calib, target, batch_size=2, spare_first=0, spare_last=0)
+    for structure in (uniform_taylor, random_uniform(gqa_model, target)):
         assert res.of_structure(structure) <= target and structure.is_uniform()
         assert len(structure.kept_layers()) == shape.num_layers
+    # LLM-Pruner's recipe: first and last layers dense, the others equally narrower, the budget still met
+    spared = taylor_uniform(gqa_model, calib, target, batch_size=2, spare_first=1, spare_last=1)
+    dense_layer = (list(range(shape.num_kv_heads)), list(range(shape.intermediate_size)))
+    assert res.of_structure(spared) <= target and res.of_structure(spared) > 0.7 * res.dense()
+    assert [(x.kv_heads, x.channels) for x in (spared.layers[0], spared.layers[3])] == [dense_layer] * 2
+    assert spared.layers[1].channels != dense_layer[1]
+    assert (len(spared.layers[1].kv_heads), len(spared.layers[1].channels)) == \
+        (len(spared.layers[2].kv_heads), len(spared.layers[2].channels))
     s = shortgpt(gqa_model, calib, target)
     assert res.of_structure(s) <= target and s.is_uniform() and len(s.kept_layers()) < shape.num_layers
     assert all(torch.equal(v, before[k]) for k, v in gqa_model.state_dict().items())
