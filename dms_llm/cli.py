@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device-map", default=None,
+                   help="'auto': spread a model larger than one GPU over this process's GPUs (one process only)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, default_data: str) -> None:
@@ -158,7 +160,7 @@ def cmd_prune(args) -> int:
     if args.joint and importlib.util.find_spec("peft") is None:
         raise ImportError("--joint trains LoRA adapters and needs peft: pip install 'dms-llm[peft]'")
     model, tokenizer, source_dir = load_model(args.model, dtype=args.dtype, device=_device(args.device),
-                                              trust_remote_code=args.trust_remote_code)
+                                              trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     out = check_output_dir(args.out, source_dir, args.overwrite or args.resume)
     shape = ModelShape.from_model(model)
     resolve_target(config, ResourceModel(shape, config.resource, config.macs_seq_len))  # fail before heavy work
@@ -280,11 +282,11 @@ def cmd_finetune(args) -> int:
         raise ImportError("--lora needs peft: pip install 'dms-llm[peft]'")
     torch.manual_seed(args.seed)
     device = _device(args.device)
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=device,
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
                                      trust_remote_code=args.trust_remote_code, check_supported=False)
     teacher = None
     if teacher_name:
-        teacher, _, teacher_dir = load_model(teacher_name, dtype=args.dtype, device=device,
+        teacher, _, teacher_dir = load_model(teacher_name, dtype=args.dtype, device=device, device_map=args.device_map,
                                              trust_remote_code=args.trust_remote_code, check_supported=False)
         check_output_dir(args.out, teacher_dir, True)  # never write into the teacher's folder either
         if teacher.config.vocab_size != model.config.vocab_size:
@@ -350,7 +352,8 @@ def cmd_eval(args) -> int:
     from .loading import load_model
 
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=_device(args.device),
-                                     trust_remote_code=args.trust_remote_code, check_supported=False)
+                                     trust_remote_code=args.trust_remote_code, check_supported=False,
+                                     device_map=args.device_map)
     results: dict = {"model": args.model}
     eval_data = args.eval_data or (None if (args.tasks or args.speed) else "wikitext2")
     if eval_data:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .search import _batch, _enable_checkpointing, _disable_checkpointing, _kl, _lm_loss, _shard
+from .search import (_batch, _disable_checkpointing, _enable_checkpointing, _kl, _lm_loss, _shard, input_device,
+                     is_dispatched)
 
 logger = logging.getLogger("dms_llm")
 
@@ -131,9 +132,16 @@ def finetune(
         raise FinetuneError(f"{world} processes x batch_size {config.batch_size} exceed the {len(windows)} windows")
     steps = max(1, math.ceil(config.tokens / (global_batch * windows.shape[1])))
 
-    model.to(device)
+    if is_dispatched(model) or (teacher is not None and is_dispatched(teacher)):
+        if world > 1:
+            raise FinetuneError("models dispatched with a device_map train in one process only")
+        device = input_device(model)
+    else:
+        model.to(device)
     if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+        if not is_dispatched(teacher):
+            teacher.to(device)
     checkpointing = config.activation_checkpointing
     if checkpointing is None:
         checkpointing = device.type == "cuda"
@@ -186,7 +194,8 @@ def finetune(
                 kl = torch.zeros((), device=device)
                 if teacher is not None and config.kl_weight:
                     with torch.no_grad():
-                        teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+                        teacher_logits = teacher(input_ids=ids.to(input_device(teacher)), use_cache=False).logits
+                    teacher_logits = teacher_logits.to(logits.device)
                     kl = _kl(logits, teacher_logits)
                 lm = _lm_loss(logits, ids)
                 loss = config.kl_weight * kl + config.lm_loss_weight * lm

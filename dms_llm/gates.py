@@ -50,7 +50,7 @@ class MaskHooks:
             if mask is None:
                 return None
             x = args[0]
-            return (x * mask[idx].to(x.dtype).repeat_interleave(width),) + tuple(args[1:])
+            return (x * mask[idx].to(x.device, x.dtype).repeat_interleave(width),) + tuple(args[1:])
 
         return hook
 
@@ -60,7 +60,7 @@ class MaskHooks:
             if mask is None:
                 return None
             x, unit = args[0], self.shape.intermediate_size // mask.shape[-1]
-            return (x * mask[idx].to(x.dtype).repeat_interleave(unit),) + tuple(args[1:])
+            return (x * mask[idx].to(x.device, x.dtype).repeat_interleave(unit),) + tuple(args[1:])
 
         return hook
 
@@ -70,8 +70,8 @@ class MaskHooks:
             if mask is None:
                 return None
             if isinstance(output, tuple):
-                return (output[0] * mask[idx].to(output[0].dtype),) + tuple(output[1:])
-            return output * mask[idx].to(output.dtype)
+                return (output[0] * mask[idx].to(output[0].device, output[0].dtype),) + tuple(output[1:])
+            return output * mask[idx].to(output.device, output.dtype)
 
         return hook
 

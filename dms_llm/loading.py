@@ -82,11 +82,13 @@ def load_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     check_supported: bool = True,
+    device_map: str | dict | None = None,
 ):
     """Return ``(model, tokenizer, source_folder)`` for a Hub id, local folder, ``.gguf`` file or ``smollm2-135m``.
 
     GGUF weights are dequantized and the quantization bookkeeping removed, so the model can be pruned and saved.
-    ``source_folder`` is the local folder of the inputs (None for a Hub id); exports refuse to write into it."""
+    ``source_folder`` is the local folder of the inputs (None for a Hub id); exports refuse to write into it.
+    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the GPUs of this process."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -108,7 +110,7 @@ def load_model(
             config = AutoConfig.from_pretrained(target, **kwargs)
             if check_supported:
                 _check_config(config, name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=device_map, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
     except (UnsupportedModelError, ModelLoadError):
         raise
@@ -129,7 +131,7 @@ def load_model(
     if check_supported:
         _check_config(model.config, name_or_path)
         ModelShape.from_model(model)
-    if device is not None:
+    if device is not None and device_map is None:
         model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

@@ -204,7 +204,13 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     world = accelerator.num_processes
     if config.batch_size * world > len(calib):
         raise ValueError(f"{world} processes x batch_size {config.batch_size} exceed the {len(calib)} calibration samples")
-    model.to(device)
+    if is_dispatched(model):  # a device map (one process): the model stays where it was placed
+        if world > 1:
+            raise ValueError("a model dispatched with a device_map cannot be searched by several processes; use one "
+                             "process (device_map) or accelerate launch without device_map (DDP/FSDP)")
+        device = input_device(model)
+    else:
+        model.to(device)
     params_state = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in params_state:
         p.requires_grad_(False)
@@ -349,6 +355,16 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     )
 
 
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether ``model`` was placed across devices with a ``device_map`` (accelerate's big-model dispatch)."""
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the device of the input embeddings."""
+    return model.get_input_embeddings().weight.device
+
+
 def _shard(batch: torch.Tensor, accelerator) -> torch.Tensor:
     """This process's rows of a global batch (all rows in a single process)."""
     n = accelerator.num_processes
@@ -389,7 +405,7 @@ def _warmup(model: nn.Module, gates: DMSGates, calib: torch.Tensor, config: Prun
 def dense_mask_gradients(model: nn.Module, gates: DMSGates, batches, accelerator=None):
     """For each batch of token ids: dL_LM/dm of every operator's mask at the dense model (all masks 1),
     averaged over processes when ``accelerator`` runs several. Weights should be frozen by the caller."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     for ids in batches:
         ids = ids.to(device)
         gates.begin_step("ones")

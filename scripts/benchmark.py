@@ -6,7 +6,8 @@
 Calibrates on ../shared/data/wikitext2/wiki.valid.tokens, scores perplexity on wiki.test.raw (file text,
 non-overlapping 2048-token windows), measures search wall time and prefill / decode speed against the dense model,
 then writes benchmarks/results.json, benchmarks/ppl_vs_params.png and the marked section of BENCHMARKS.md.
-No method updates weights. Torch-Pruning is not run here (see BENCHMARKS.md).
+No method updates weights. Torch-Pruning runs in its own environment (scripts/run_torch_pruning.sh, transformers
+4.48.3); its rows are added from benchmarks/torch_pruning.json when present.
 """
 
 import argparse
@@ -93,8 +94,17 @@ for keep in args.keeps:
 
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
+# Torch-Pruning runs in its own environment (scripts/run_torch_pruning.sh): add its rows when they were scored on
+# the same windows
+external, tp_file = [], out / "torch_pruning.json"
+if tp_file.exists():
+    tp_rows = json.loads(tp_file.read_text())
+    external = [r for r in tp_rows if r["method"] == "torch_pruning" and r["keep"] in args.keeps
+                and r["eval_windows"] == rows[0]["eval_windows"]]
+    tp_dense = next((r for r in tp_rows if r["method"].startswith("dense")), None)
 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-(out / "results.json").write_text(json.dumps([{**r, **{"date": stamp, "machine": machine}} for r in rows], indent=1))
+rows = [{**r, **{"date": stamp, "machine": machine}} for r in rows] + external
+(out / "results.json").write_text(json.dumps(rows, indent=1))
 
 import matplotlib  # noqa: E402
 
@@ -102,7 +112,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
-for method in ["dense", *args.methods]:
+for method in ["dense", *args.methods, *(["torch_pruning"] if external else [])]:
     pts = sorted((r["params"] / 1e6, r["ppl_wikitext2"]) for r in rows if r["method"] == method)
     ax.plot(*zip(*pts), marker="o", label=method)
 ax.set_xlabel("parameters (M)")
@@ -118,13 +128,33 @@ lines = [START, "", f"### Peer comparison — {args.model}, no weight update", "
          f"Measured {stamp} on {machine}. Calibration: `{Path(args.calib).name}` ({args.num_samples} x {args.seq_len} tokens); "
          f"perplexity: `{Path(args.eval_data).name}` file text, first {rows[0]['eval_windows']} windows of 2048 tokens. "
          f"Speed: batch 1, prompt 128, 32 decoded tokens, best of 3, same process. "
-         f"Command: `{' '.join(['python scripts/benchmark.py', *map(shlex.quote, sys.argv[1:])])}`.",
+         f"Command: `{' '.join(['python scripts/benchmark.py', *map(shlex.quote, sys.argv[1:])])}`. "
+         f"taylor_uniform follows LLM-Pruner's recipe (first 4 and last 2 layers dense, the others equally narrowed "
+         f"by first-order Taylor importance); shortgpt removes whole layers by Block Influence.",
          "", "| method | keep | params | ppl | search s | prefill x | decode x | decode ref (bytes) |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
     lines.append(f"| {r['method']} | {r['keep']} | {r['params'] / 1e6:.2f}M | {r['ppl_wikitext2']:.2f} | "
                  f"{r['search_seconds']:.1f} | {r.get('prefill_speedup', 1):.2f} | {r.get('decode_speedup', 1):.2f} | "
                  f"{r.get('decode_reference', 1):.2f} |")
+PEERS = ("taylor_uniform", "shortgpt", "random_uniform", "torch_pruning")
+for keep in args.keeps:
+    dms = next((r for r in rows if r["method"] == "dms_per_layer" and r["keep"] == keep), None)
+    peers = [r for r in rows if r["method"] in PEERS and r["keep"] == keep]
+    if dms and peers:
+        best = min(peers, key=lambda r: r["ppl_wikitext2"])
+        ratio = dms["ppl_wikitext2"] / best["ppl_wikitext2"]
+        lines += ["", f"keep {keep}: DMS per-layer perplexity / best baseline ({best['method']}) = **{ratio:.2f}x** "
+                      f"(goal <= 0.6x: {'met' if ratio <= 0.6 else 'not met'})."]
+if external:
+    lines += ["", f"torch_pruning rows: `bash scripts/run_torch_pruning.sh` in its own environment "
+                  f"({external[0]['environment']}; Torch-Pruning's dependency graph never finishes on transformers "
+                  f"5.x), measured {external[0]['date']} on {external[0]['machine']}, scored on the token ids of this "
+                  f"environment (its dense model there: perplexity {tp_dense['ppl_wikitext2']:.2f}); speed ratios are "
+                  f"against the dense model in that process. Its recipe: group L2 magnitude, one ratio for hidden "
+                  f"size, query heads and MLP width, bisected to the budget, no calibration data."]
+else:
+    lines += ["", "torch_pruning: not measured in this run (run `bash scripts/run_torch_pruning.sh` first)."]
 lines += ["", "![perplexity vs parameters](benchmarks/ppl_vs_params.png)", "", END]
 md = Path(args.markdown)
 text = md.read_text() if md.exists() else "# Benchmarks\n"

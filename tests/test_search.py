@@ -128,3 +128,19 @@ def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, cali
     assert resumed.structure == full.structure and resumed.history == full.history
     for (name, a), b in zip(straight_model.state_dict().items(), gqa_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_dispatched_model_is_searched_where_it_was_placed(gqa_model, calib, monkeypatch):
+    """A model spread over devices with a device_map (one process) is never moved; token ids go to its
+    embeddings' device, and the gate masks follow each activation's device."""
+    from dms_llm.search import input_device, is_dispatched
+
+    gqa_model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": torch.device("cpu"), "lm_head": "cpu"}
+    assert is_dispatched(gqa_model) and input_device(gqa_model) == torch.device("cpu")
+
+    def no_move(*args, **kwargs):
+        raise AssertionError("a dispatched model must not be moved")
+
+    monkeypatch.setattr(gqa_model, "to", no_move)
+    result = prune(gqa_model, calib, PruneConfig(keep=0.7, steps=3, warmup_steps=1, batch_size=2), progress=False)
+    assert result.pruned_resource <= result.target_resource
