@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--fsdp", action="store_true",
+                   help="under accelerate launch: shard the frozen weights over the processes (FSDP2, one unit per "
+                        "decoder layer) for models that do not fit one device; rank 0 reloads the model to export")
     p.add_argument("--joint", action="store_true",
                    help="joint mode: train LoRA adapters (peft) together with the structure, merge them, export")
     p.add_argument("--joint-lr", type=float, default=1e-4, help="with --joint: learning rate of the LoRA adapters")
@@ -155,11 +158,12 @@ def cmd_prune(args) -> int:
         mlp_unit=args.mlp_unit, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         resource_weight=args.resource_weight, lm_loss_weight=args.lm_loss_weight, seed=args.seed,
         mixed_precision=args.mixed_precision, joint=args.joint, joint_lr=args.joint_lr, lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank,
+        lora_alpha=2 * args.lora_rank, fsdp=args.fsdp,
     )
     if args.joint and importlib.util.find_spec("peft") is None:
         raise ImportError("--joint trains LoRA adapters and needs peft: pip install 'dms-llm[peft]'")
-    model, tokenizer, source_dir = load_model(args.model, dtype=args.dtype, device=_device(args.device),
+    load_device = "cpu" if args.fsdp else _device(args.device)  # FSDP moves each shard to its process's device
+    model, tokenizer, source_dir = load_model(args.model, dtype=args.dtype, device=load_device,
                                               trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     out = check_output_dir(args.out, source_dir, args.overwrite or args.resume)
     shape = ModelShape.from_model(model)
@@ -181,6 +185,8 @@ def cmd_prune(args) -> int:
     result = prune(model, calib, config, progress=not args.quiet)
     if not main_process:
         return 0
+    if args.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
+        model, _, _ = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
     metadata = {
         "budget": {"keep": args.keep, "target_params": args.target_params, "resource": args.resource,

@@ -60,6 +60,7 @@ class PruneConfig:
     checkpoint_path: str | None = None
     checkpoint_every: int = 25
     resume: bool = False
+    fsdp: bool = False  # under accelerate launch: shard the frozen weights (FSDP2, decoder layer = wrap unit)
     joint: bool = False  # also train LoRA adapters during the search, merged into the weights at the end
     joint_lr: float = 1e-4
     lora_rank: int = 16
@@ -176,7 +177,9 @@ def _disable_checkpointing(model: nn.Module) -> None:
 def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True) -> PruneResult:
     """Search the structure of ``model`` under ``config``'s budget on the calibration windows ``calib``
     ((num_samples, seq_len) token ids). The model is left exactly as it was, except in joint mode, where the trained
-    LoRA adapters are merged into its weights; export the result with :func:`dms_llm.export`."""
+    LoRA adapters are merged into its weights, and with ``fsdp`` under several processes, where its frozen weights
+    stay sharded (export from a fresh load of the same checkpoint); export the result with
+    :func:`dms_llm.export`."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -204,16 +207,21 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     world = accelerator.num_processes
     if config.batch_size * world > len(calib):
         raise ValueError(f"{world} processes x batch_size {config.batch_size} exceed the {len(calib)} calibration samples")
+    sharded = config.fsdp and world > 1
+    if config.fsdp and config.joint:
+        raise ValueError("joint mode (LoRA) with FSDP is not supported: use DDP (no --fsdp) or a single process")
     if is_dispatched(model):  # a device map (one process): the model stays where it was placed
         if world > 1:
             raise ValueError("a model dispatched with a device_map cannot be searched by several processes; use one "
                              "process (device_map) or accelerate launch without device_map (DDP/FSDP)")
         device = input_device(model)
-    else:
+    elif not sharded:  # FSDP moves each shard to its process's device itself
         model.to(device)
     params_state = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in params_state:
         p.requires_grad_(False)
+    if sharded:
+        _fully_shard(model, device)
     was_training = model.training
     checkpointing = config.activation_checkpointing
     if checkpointing is None:
@@ -353,6 +361,23 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         config=asdict(config),
         weights_updated=adapters is not None,
     )
+
+
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 over the processes of ``accelerate launch``: each decoder layer is one unit, then the root. The
+    frozen weights are sharded in place (the model stays sharded after the search: export from a fresh load)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .structure import decoder_layers
+
+    import torch.distributed as dist
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    logger.info("FSDP2: %d decoder layers sharded over %d processes", len(decoder_layers(model)), dist.get_world_size())
 
 
 def is_dispatched(model: nn.Module) -> bool:

@@ -21,6 +21,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--batch-size", type=int, required=True, help="per process")
 parser.add_argument("--finetune", action="store_true", help="recovery finetune of a pruned model instead")
+parser.add_argument("--fsdp", action="store_true", help="shard the frozen weights (FSDP2) across the processes")
 args = parser.parse_args()
 torch.set_num_threads(1)
 model = tiny_llama()
@@ -41,7 +42,8 @@ if args.finetune:
                        "grad_norm": [h["grad_norm"] for h in result.history],
                        "weights": {k: v.flatten().tolist() for k, v in pruned.state_dict().items()}}, f)
     sys.exit(0)
-cfg = PruneConfig(keep=0.6, steps=12, warmup_steps=2, batch_size=args.batch_size, seed=5, patience=100)
+cfg = PruneConfig(keep=0.6, steps=12, warmup_steps=2, batch_size=args.batch_size, seed=5, patience=100,
+                  fsdp=args.fsdp)
 result = prune(model, calib, cfg, progress=False)
 from accelerate import PartialState  # noqa: E402
 
@@ -49,5 +51,9 @@ state = PartialState()
 if state.is_main_process:
     ratios = {k: v for k, v in result.config.items() if k == "batch_size"}
     with open(args.out, "w") as f:
+        from torch.distributed.tensor import DTensor
+
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
         json.dump({"structure": result.structure.to_dict(), "processes": state.num_processes, **ratios,
+                   "sharded": sharded,
                    "hard": [h["hard_resource"] for h in result.history]}, f)

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 HELPER = os.path.join(os.path.dirname(__file__), "ddp_search.py")
 
 
@@ -33,9 +35,15 @@ def test_two_process_search_equals_single_process(tmp_path):
     assert one["structure"] == two["structure"]
 
 
-def test_two_process_finetune_equals_single_process(tmp_path):
-    import pytest
+def test_two_process_fsdp_search_equals_single_process(tmp_path):
+    """FSDP2 (frozen weights sharded per decoder layer over 2 gloo processes) finds what 1 process finds."""
+    one, two = _one_and_two_processes(tmp_path, "--fsdp", port=29521)
+    assert one["processes"] == 1 and two["processes"] == 2 and two["sharded"] and not one["sharded"]
+    assert one["hard"] == two["hard"]
+    assert one["structure"] == two["structure"]
 
+
+def test_two_process_finetune_equals_single_process(tmp_path):
     one, two = _one_and_two_processes(tmp_path, "--finetune", port=29519)
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
@@ -43,16 +51,17 @@ def test_two_process_finetune_equals_single_process(tmp_path):
         assert weights == pytest.approx(two["weights"][name], abs=1e-5), name
 
 
-def test_cli_under_two_processes_writes_once(tmp_path):
+@pytest.mark.parametrize("extra, port", [([], 29518), (["--fsdp"], 29520)])
+def test_cli_under_two_processes_writes_once(tmp_path, extra, port):
     from .test_smollm2 import WIKI_VALID
 
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "--main_process_port", "29518", "-m", "dms_llm", "prune", "smollm2-135m", "--keep", "0.8",
+                           "--main_process_port", str(port), "-m", "dms_llm", "prune", "smollm2-135m", "--keep", "0.8",
                            "--calib", str(WIKI_VALID), "--steps", "2", "--seq-len", "64", "--num-samples", "4",
-                           "--out", str(out), "--no-eval", "--quiet"], capture_output=True, text=True, timeout=600, env=env)
+                           "--out", str(out), "--no-eval", "--quiet", *extra], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("DMS prune of") == 1
     info = json.loads((out / "dms_structure.json").read_text())
