@@ -267,6 +267,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                        disable=not progress or not accelerator.is_main_process)
             last_structure = _key(gates.hard_structure()) if start_step else None
             for step in bar:
+                t_step = time.perf_counter()
                 ids = _shard(_batch(calib, step, config.batch_size * world, config.seed), accelerator).to(device)
                 gates.begin_step("off")
                 with torch.no_grad(), (adapters.disable_adapter() if adapters is not None else nullcontext()):
@@ -307,6 +308,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                     "target_now": float(r_t),
                     "hard_resource": hard,
                     **structure.counts(),
+                    "seconds": time.perf_counter() - t_step,
                 }
                 history.append(record)
                 line = (
