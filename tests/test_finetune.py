@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dms_llm import cli
 from dms_llm import finetune as finetune_mod
@@ -169,18 +169,21 @@ def test_finetune_command_refuses_bad_inputs_before_training(pruned_folder, dens
 
 
 def test_user_flow_prune_joint_finetune_push(dense_folder, text_file, tmp_path, capsys):
-    """prune --joint -> finetune -> push --dry-run on a local checkpoint, as a user runs them."""
+    """prune --joint --uniform -> finetune -> push --dry-run on a local checkpoint, as a user runs them."""
     pruned, recovered = tmp_path / "p", tmp_path / "r"
     common = ["--calib", str(text_file), "--eval-data", str(text_file), "--eval-seq-len", "64", "--eval-windows", "2",
               "--quiet"]
     assert cli.main(["prune", str(dense_folder), "--keep", "0.7", "--joint", "--joint-lr", "1e-2", "--lora-rank", "4",
-                     "--steps", "4", "--seq-len", "32", "--num-samples", "8", "--out", str(pruned), *common]) == 0
+                     "--uniform", "--steps", "4", "--seq-len", "32", "--num-samples", "8", "--out", str(pruned),
+                     *common]) == 0
     info = json.loads((pruned / "dms_structure.json").read_text())
     assert info["search"]["config"]["joint"] and info["params_after"] <= 0.7 * info["params_before"]
     assert "Joint search: LoRA adapters (rank 4)" in (pruned / "README.md").read_text()
-    assert cli.main(["finetune", str(pruned), "--trust-remote-code", "--tokens", "1024", "--seq-len", "64",
+    assert cli.main(["finetune", str(pruned), "--tokens", "1024", "--seq-len", "64",
                      "--out", str(recovered), *common]) == 0  # teacher: the base model the export records
     assert json.loads((recovered / "dms_structure.json").read_text())["recovery"]["teacher"] == str(dense_folder)
+    assert type(LlamaForCausalLM.from_pretrained(recovered)) is LlamaForCausalLM  # uniform stays a stock checkpoint
+    assert not (recovered / "modeling_dms_llama.py").exists()
     capsys.readouterr()
     assert cli.main(["push", str(recovered), "--repo", "me/tiny", "--dry-run", str(tmp_path / "stage")]) == 0
     assert "dms_recovery_log.jsonl" in capsys.readouterr().out
