@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import dms_llm
+from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 from dms_llm.baselines import random_uniform, shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
 from dms_llm.evaluation import speed, speed_ratios
@@ -51,14 +51,12 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.WARNING)
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-windows = args.windows if args.windows is not None else (None if device == "cuda" else 8)
-windows = windows or None
+windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
 shape = ModelShape.from_model(model)
 calib = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
-machine = (torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, "
-           f"{torch.get_num_threads()} threads") + f", torch {torch.__version__}"
+machine = machine_name(device)
 
 
 def measure(name, keep, structure, seconds):
@@ -156,11 +154,5 @@ if external:
 else:
     lines += ["", "torch_pruning: not measured in this run (run `bash scripts/run_torch_pruning.sh` first)."]
 lines += ["", "![perplexity vs parameters](benchmarks/ppl_vs_params.png)", "", END]
-md = Path(args.markdown)
-text = md.read_text() if md.exists() else "# Benchmarks\n"
-if START in text and END in text:
-    text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
-else:
-    text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-md.write_text(text)
+md = replace_section(args.markdown, START, END, lines)
 print(f"wrote {out / 'results.json'}, {out / 'ppl_vs_params.png'} and {md}")

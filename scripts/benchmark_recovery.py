@@ -15,7 +15,6 @@ import copy
 import datetime
 import json
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 import dms_llm
+from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 from dms_llm.baselines import shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
 from dms_llm.finetune import FinetuneConfig, finetune
@@ -55,16 +55,14 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.WARNING)
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-windows = args.windows if args.windows is not None else (None if device == "cuda" else 8)
-windows = windows or None
+windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
 shape = ModelShape.from_model(model)
 calib = dms_llm.calibration_windows(tokenizer, args.calib, 256, 64)
 train = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, -(-args.tokens // args.seq_len), seed=1,
                                     allow_fewer=True)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
-machine = (torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, "
-           f"{torch.get_num_threads()} threads") + f", torch {torch.__version__}"
+machine = machine_name(device)
 recovery = FinetuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
                           mixed_precision="bf16" if device == "cuda" else "no")
 target = resolve_target(dms_llm.PruneConfig(keep=args.keep), ResourceModel(shape))
@@ -126,11 +124,5 @@ if dms and best:
     lines += ["", f"DMS per-layer + recovery / best baseline ({best['method']}) + the same recovery: "
                   f"**{ratio:.2f}x** the perplexity (goal <= 0.85x: {'met' if ratio <= 0.85 else 'not met'})."]
 lines += ["", END]
-md = Path(args.markdown)
-text = md.read_text() if md.exists() else "# Benchmarks\n"
-if START in text and END in text:
-    text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
-else:
-    text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-md.write_text(text)
+md = replace_section(args.markdown, START, END, lines)
 print(f"wrote {out} and {md}")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import replace_section  # a sibling module of this script
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- scale:start -->", "<!-- scale:end -->"
@@ -163,13 +164,7 @@ def main():
         lines += ["", "CPU peak memory is the process's peak RSS (model initialisation included). No GPU was lent to "
                       "the sessions that ran this; the GPU command above is prepared for one."]
     lines += ["", END]
-    md = Path(args.markdown)
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    md.write_text(text)
+    md = replace_section(args.markdown, START, END, lines)
     print(f"wrote {out} and {md}")
 
 
