@@ -194,3 +194,14 @@ def test_push_help_documents_the_command(capsys):
         cli.main(["push", "--help"])
     text = capsys.readouterr().out
     assert "--repo" in text and "--private" in text and "HF_TOKEN" in text and "never printed" in text
+
+
+def test_prune_push_to_hub_uploads_the_verified_export(dense_folder, text_file, tmp_path, fake_hub, capsys):
+    out = tmp_path / "pushed"
+    assert cli.main(["prune", str(dense_folder), "--keep", "0.7", "--steps", "3", "--seq-len", "32",
+                     "--num-samples", "4", "--calib", str(text_file), "--no-eval", "--quiet", "--out", str(out),
+                     "--push-to-hub", "someone/tiny-dms"]) == 0
+    (_, repo, private), (_, _, files, card, _) = fake_hub.calls
+    assert repo == "someone/tiny-dms" and not private and "model.safetensors" in files and "README.md" in files
+    assert 'path = "someone/tiny-dms"' in card and (out / "model.safetensors").exists()
+    assert TOKEN not in capsys.readouterr().out
