@@ -89,12 +89,11 @@ def child(shape: str, mode: str, seq_len: int, steps: int) -> dict:
             "peak_memory_gib": peak_memory(device) / 2**30}
 
 
-def smollm2_search() -> dict:
+def smollm2_search(data: Path) -> dict:
     """The real embedded model on a GPU: whole search wall time and perplexity on every wiki.test.raw window."""
     import dms_llm
     from dms_llm.data import evaluation_tokens
 
-    data = ROOT.parent / "shared" / "data" / "wikitext2"
     model, tok, _ = dms_llm.load_model("smollm2-135m", device="cuda")
     calib = dms_llm.calibration_windows(tok, data / "wiki.valid.tokens", 256, 64)
     tokens = evaluation_tokens(tok, data / "wiki.test.raw")
@@ -113,6 +112,8 @@ def main():
                         help="default: 7b 1b on a GPU, 1b on CPU")
     parser.add_argument("--seq-len", type=int, default=None, help="default: 2048 on a GPU, 256 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on a GPU, 2 on CPU)")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "wikitext2"),
+                        help="folder with wiki.valid.tokens and wiki.test.raw (GPU: the SmolLM2 search)")
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "scale.json"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
@@ -134,7 +135,7 @@ def main():
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    smol = smollm2_search() if cuda else None
+    smol = smollm2_search(Path(args.data_dir)) if cuda else None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
