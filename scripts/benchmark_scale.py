@@ -163,7 +163,9 @@ def main():
                       f"{smol['dense_ppl']:.2f}, pruned {smol['pruned_ppl']:.2f}."]
     if not cuda:
         lines += ["", "CPU peak memory is the process's peak RSS (model initialisation included). No GPU was lent to "
-                      "the sessions that ran this; the GPU command above is prepared for one."]
+                      "any session so far (2026-11-27, 2026-11-28), so the 7B row, seq 2048 and the SmolLM2 "
+                      "all-window figures are not measured yet; scripts/gpu_session.sh is the prepared run for a "
+                      "session that is lent one."]
     lines += ["", END]
     md = replace_section(args.markdown, START, END, lines)
     print(f"wrote {out} and {md}")

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import torch
+
 SEARCH = textwrap.dedent(
     """
     import json, sys, torch
@@ -89,3 +91,33 @@ def test_sigkilled_export_leaves_the_old_output(tmp_path):
     model = tiny_llama()
     export(model, Structure.dense(ModelShape.from_model(model)), out, overwrite=True)
     assert not list(tmp_path.glob(".out.tmp-*")) and (out / "model.safetensors").exists()
+
+
+def test_sigterm_during_finetune_saves_and_resume_ends_with_the_same_weights(tmp_path, pruned_folder, dense_folder,
+                                                                          text_file):
+    """A scheduler's SIGTERM to `dms-llm finetune` saves the state like Ctrl-C (exit 130); `--resume` then ends
+    with exactly the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "dms_llm", "finetune", str(pruned_folder), "--trust-remote-code", "--teacher",
+                str(dense_folder), "--calib", str(text_file), "--tokens", str(400 * 2 * 32), "--seq-len", "32",
+                "--batch-size", "2", "--lr", "1e-3", "--no-eval", "--out", str(out), *extra]
+
+    straight = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "b"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the training loop runs
+        if "step 20/400" in line:
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest[-2000:]
+    state = tmp_path / ".b.recovery-state.pt"
+    assert state.exists() and "continue with --resume" in rest and not out.exists()
+    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not state.exists()
