@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 from .data import calibration_windows, load_text
 from .evaluation import evaluate, perplexity
 from .exporter import build_pruned_model, export
-from .finetune import FinetuneConfig, FinetuneResult, finetune, save_recovered
+from .recovery import FinetuneConfig, FinetuneResult, finetune, save_recovered
 from .hub import push, stage
 from .gates import DMSGates, hard_masked
 from .loading import load_model

@@ -262,7 +262,7 @@ def cmd_finetune(args) -> int:
     from .data import calibration_windows
     from .evaluation import perplexity
     from .exporter import check_output_dir, load_structure_file
-    from .finetune import FinetuneConfig, FinetuneError, finetune, save_recovered
+    from .recovery import FinetuneConfig, FinetuneError, finetune, save_recovered
     from .loading import ModelLoadError, load_model, resolve_source
 
     t_start = time.perf_counter()
@@ -401,7 +401,7 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .exporter import ExportError
-    from .finetune import FinetuneError
+    from .recovery import FinetuneError
     from .hub import PushError
     from .loading import ModelLoadError
     from .search import BudgetError

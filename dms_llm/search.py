@@ -231,7 +231,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
 
     adapters = None
     if config.joint:  # inject LoRA before the gates, so the gate hooks sit on the adapted modules
-        from .finetune import _add_lora
+        from .recovery import _add_lora
 
         adapters = _add_lora(model, config)
     gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit, momentum=config.importance_momentum)

@@ -26,7 +26,7 @@ import dms_llm
 from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 from dms_llm.baselines import shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
-from dms_llm.finetune import FinetuneConfig, finetune
+from dms_llm.recovery import FinetuneConfig, finetune
 from dms_llm.resources import ResourceModel, count_parameters
 from dms_llm.search import resolve_target
 from dms_llm.structure import ModelShape

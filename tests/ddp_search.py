@@ -30,7 +30,7 @@ if args.finetune:
     from accelerate import PartialState
 
     from dms_llm.exporter import build_pruned_model
-    from dms_llm.finetune import FinetuneConfig, finetune
+    from dms_llm.recovery import FinetuneConfig, finetune
 
     pruned = build_pruned_model(model, per_layer_structure(model))
     config = FinetuneConfig(tokens=6 * 2 * 32, batch_size=args.batch_size, lr=1e-3)

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dms_llm import cli
-from dms_llm import finetune as finetune_mod
+from dms_llm import recovery as finetune_mod
 from dms_llm.exporter import build_pruned_model
-from dms_llm.finetune import FinetuneConfig, FinetuneError, finetune
+from dms_llm.recovery import FinetuneConfig, FinetuneError, finetune
 from dms_llm.resources import count_parameters
 from dms_llm.search import _kl
 

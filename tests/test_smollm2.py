@@ -104,7 +104,7 @@ def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
 def test_bf16_recovery_on_smollm2_stays_finite(calib_file):
     """Distillation in bf16 autocast (fp32 KL softmax, fp32 master weights) gives finite losses on the real model."""
     import dms_llm
-    from dms_llm.finetune import FinetuneConfig, finetune
+    from dms_llm.recovery import FinetuneConfig, finetune
     from dms_llm.structure import ModelShape, Structure
 
     dense, tok, _ = dms_llm.load_model("smollm2-135m")
