@@ -187,3 +187,12 @@ def test_user_flow_prune_joint_finetune_push(dense_folder, text_file, tmp_path, 
     capsys.readouterr()
     assert cli.main(["push", str(recovered), "--repo", "me/tiny", "--dry-run", str(tmp_path / "stage")]) == 0
     assert "dms_recovery_log.jsonl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_recovery_is_finite(pair, windows, precision):
+    dense, pruned = pair
+    result = finetune(pruned, windows, FinetuneConfig(tokens=4 * 4 * 32, lr=1e-3, mixed_precision=precision),
+                      teacher=dense, progress=False)
+    assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"], h["grad_norm"]])).all() for h in result.history)
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())

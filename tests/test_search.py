@@ -79,8 +79,9 @@ def test_bad_search_inputs(gqa_model, calib):
         prune(gqa_model, calib, PruneConfig(keep=0.8, steps=1, mlp_unit=7), progress=False)
 
 
-def test_bf16_mixed_precision_search_is_finite(gqa_model, calib):
-    cfg = PruneConfig(keep=0.7, steps=4, warmup_steps=1, batch_size=2, mixed_precision="bf16")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_search_is_finite(gqa_model, calib, precision):
+    cfg = PruneConfig(keep=0.7, steps=4, warmup_steps=1, batch_size=2, mixed_precision=precision)
     result = prune(gqa_model, calib, cfg, progress=False)
     assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"]])).all() for h in result.history)
     assert result.met_budget
