@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .search import (_batch, _disable_checkpointing, _enable_checkpointing, _kl, _lm_loss, _shard, input_device,
-                     is_dispatched)
+                     is_dispatched, load_trainable_state, save_atomically, trainable_state)
 
 logger = logging.getLogger("dms_llm")
 
@@ -101,10 +101,6 @@ def _add_lora(model: nn.Module, config: FinetuneConfig):
     return get_peft_model(model, lora)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def finetune(
     model: nn.Module,
     windows: torch.Tensor,
@@ -164,11 +160,7 @@ def finetune(
     start, history = 0, []
     if config.resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        unwrapped = accelerator.unwrap_model(trained)
-        with torch.no_grad():
-            current = dict(unwrapped.named_parameters())
-            for name, value in state["trainable"].items():
-                current[name].copy_(value)
+        load_trainable_state(accelerator.unwrap_model(trained), state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
@@ -176,12 +168,9 @@ def finetune(
 
     def save(step: int) -> None:
         if ckpt is not None and accelerator.is_main_process:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"trainable": trainable_state(accelerator.unwrap_model(trained)),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        "history": history, "config": asdict(config)}, tmp)
-            tmp.replace(ckpt)
+            save_atomically(ckpt, {"trainable": trainable_state(accelerator.unwrap_model(trained)),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "step": step, "history": history, "config": asdict(config)})
 
     t0, completed = time.perf_counter(), False
     bar = tqdm(range(start, steps), desc="recovery", dynamic_ncols=True,

@@ -26,7 +26,7 @@ from torch import nn
 
 from .gates import DMSGates
 from .resources import ResourceModel
-from .structure import ModelShape, Structure
+from .structure import ModelShape, Structure, decoder_layers
 
 logger = logging.getLogger("dms_llm")
 
@@ -248,14 +248,18 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         state = torch.load(ckpt, map_location=device, weights_only=False)
         gates.load_state_dict(state["gates"])
         if adapters is not None:
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in state["lora"].items():
-                    named[name].copy_(value)
+            load_trainable_state(model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
         logger.info("resumed the search from %s at step %d", ckpt, start_step)
     stable = state.get("stable", 0) if start_step else 0
+
+    def save(step: int) -> None:
+        """Search state (gates: ratios and importances; Adam; step; log; joint mode: the LoRA weights)."""
+        if ckpt is not None and accelerator.is_main_process:
+            save_atomically(ckpt, {"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                   "history": history, "stable": stable,
+                                   "lora": trainable_state(model) if adapters is not None else {}})
 
     decay_steps = max(1, int(config.target_decay * config.steps))
     t0, completed = time.perf_counter(), False
@@ -284,7 +288,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 if not torch.isfinite(loss):
                     where = ""
                     if ckpt is not None:  # the gates still hold the last good state: keep it
-                        _save_checkpoint(ckpt, gates, optimizer, step, history, stable, lora_params and model)
+                        save(step)
                         where = f"; the state after step {step} is saved in {ckpt}"
                     raise FloatingPointError(
                         f"the search loss became {loss.item()} at step {step + 1}{where}. Try --mixed-precision no, "
@@ -324,22 +328,26 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 stable = stable + 1 if key == last_structure else 0
                 last_structure = key
                 if ckpt is not None and ((step + 1) % config.checkpoint_every == 0):
-                    _save_checkpoint(ckpt, gates, optimizer, step + 1, history, stable, lora_params and model)
+                    save(step + 1)
                 if step + 1 >= decay_steps and hard <= target and stable >= config.patience:
                     logger.info("target met and structure stable for %d steps: stopping at step %d", stable, step + 1)
                     break
             bar.close()
+        save(len(history))  # while the adapters are still attached, so the state holds only their weights
         completed = True
     except KeyboardInterrupt:
         if ckpt is not None:
-            _save_checkpoint(ckpt, gates, optimizer, len(history), history, stable, lora_params and model)
+            save(len(history))
             logger.warning("interrupted: search state of step %d saved to %s (continue with --resume)", len(history), ckpt)
         raise
     finally:
         gates.begin_step("off")
         gates.remove()  # the operators stay usable below; only the hooks go
         if adapters is not None:  # merged when the search completed, else removed: the model is as it was given
-            adapters.merge_and_unload() if completed else adapters.unload()
+            if completed:
+                adapters.merge_and_unload()
+            else:
+                adapters.unload()
         if checkpointing:
             _disable_checkpointing(model)
         model.train(was_training)
@@ -347,8 +355,6 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
             p.requires_grad_(flag)
 
     steps_run = len(history)
-    if ckpt is not None:
-        _save_checkpoint(ckpt, gates, optimizer, steps_run, history, stable, lora_params and model)
     structure = fit_to_budget(gates, resource, target)
     seconds = time.perf_counter() - t0
     return PruneResult(
@@ -368,12 +374,9 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
 def _fully_shard(model: nn.Module, device: torch.device) -> None:
     """FSDP2 over the processes of ``accelerate launch``: each decoder layer is one unit, then the root. The
     frozen weights are sharded in place (the model stays sharded after the search: export from a fresh load)."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from .structure import decoder_layers
-
-    import torch.distributed as dist
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
@@ -446,17 +449,22 @@ def _key(structure: Structure) -> list:
     return [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
 
 
-def _save_checkpoint(path: Path, gates: DMSGates, optimizer, step: int, history: list[dict], stable: int = 0,
-                     adapted_model: nn.Module | None = None) -> None:
-    """Search state (gates: ratios and importances; Adam; step; log; joint mode: the LoRA weights), written
-    atomically by the main process."""
-    from accelerate import PartialState
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train (all weights, or only the LoRA adapters)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    if not PartialState().is_main_process:
-        return
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a :func:`trainable_state` back into ``model`` (resume)."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            named[name].copy_(value)
+
+
+def save_atomically(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a state file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    lora = {n: p.detach().clone() for n, p in adapted_model.named_parameters() if p.requires_grad} if adapted_model else {}
-    torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
-                "stable": stable, "lora": lora}, tmp)
+    torch.save(state, tmp)
     tmp.replace(path)

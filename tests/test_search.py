@@ -132,6 +132,8 @@ def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, cali
     monkeypatch.setattr(search_mod, "_batch", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.structure == full.structure and _log(resumed.history) == _log(full.history)
+    final = torch.load(ckpt, weights_only=False)["lora"]  # saved before the merge: the adapters, not every weight
+    assert final and all("lora_" in name for name in final)
     for (name, a), b in zip(straight_model.state_dict().items(), gqa_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
