@@ -262,7 +262,7 @@ def cmd_finetune(args) -> int:
     from .data import calibration_windows
     from .evaluation import perplexity
     from .exporter import check_output_dir, load_structure_file
-    from .recovery import FinetuneConfig, FinetuneError, finetune, save_recovered
+    from .recovery import FinetuneConfig, FinetuneError, check_teacher, finetune, save_recovered
     from .loading import ModelLoadError, load_model, resolve_source
 
     t_start = time.perf_counter()
@@ -295,9 +295,7 @@ def cmd_finetune(args) -> int:
         teacher, _, teacher_dir = load_model(teacher_name, dtype=args.dtype, device=device, device_map=args.device_map,
                                              trust_remote_code=args.trust_remote_code, check_supported=False)
         check_output_dir(args.out, teacher_dir, True)  # never write into the teacher's folder either
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise ModelLoadError(f"--teacher {teacher_name} has a vocabulary of {teacher.config.vocab_size}, the "
-                                 f"pruned model {model.config.vocab_size}: distill from the model that was pruned")
+        check_teacher(model, teacher)  # before any data is read
     wanted = math.ceil(args.tokens / args.seq_len)
     windows = calibration_windows(tokenizer, args.calib, args.seq_len, wanted, seed=args.seed, allow_fewer=True)
     if len(windows) < wanted:

@@ -68,6 +68,15 @@ class FinetuneResult:
     config: dict = field(default_factory=dict)
 
 
+def check_teacher(model: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher whose logits cannot be compared with the pruned model's."""
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise FinetuneError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the pruned model's "
+            f"({model.config.vocab_size}); distill from the model that was pruned"
+        )
+
+
 def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, config: FinetuneConfig) -> None:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
         raise FinetuneError("windows must be a (num_samples, seq_len) tensor of token ids; see dms_llm.calibration_windows")
@@ -78,11 +87,8 @@ def _check_inputs(model: nn.Module, teacher: nn.Module | None, windows: torch.Te
         raise FinetuneError(f"tokens={config.tokens} is less than one window of {windows.shape[1]} tokens")
     if config.batch_size < 1 or config.batch_size > len(windows):
         raise FinetuneError(f"batch_size must be in [1, {len(windows)}] (the number of windows), got {config.batch_size}")
-    if teacher is not None and teacher.config.vocab_size != vocab:
-        raise FinetuneError(
-            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the pruned model's ({vocab}); "
-            f"distill from the model that was pruned"
-        )
+    if teacher is not None:
+        check_teacher(model, teacher)
     if teacher is None and not config.lm_loss_weight:
         raise FinetuneError("without a teacher the only loss is the LM loss: set lm_loss_weight > 0")
     if not config.kl_weight and not config.lm_loss_weight:
