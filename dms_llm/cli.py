@@ -233,10 +233,10 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _push(folder: Path, repo: str, private: bool) -> None:
+def _push(folder: Path, repo: str, private: bool, message: str | None = None) -> None:
     from .hub import push
 
-    url = push(folder, repo, private=private)
+    url = push(folder, repo, private=private, commit_message=message)
     print(f"uploaded {folder} to {url}")
 
 
@@ -338,7 +338,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import files_to_upload, stage
+    from .hub import stage
 
     if args.dry_run:
         staged = stage(args.folder, args.repo, args.dry_run)
@@ -346,8 +346,7 @@ def cmd_push(args) -> int:
         for name in sorted(p.name for p in staged.iterdir()):
             print(f"  {name}")
         return 0
-    files_to_upload(args.folder)  # a clear error before any network call
-    _push(Path(args.folder), args.repo, args.private)
+    _push(Path(args.folder), args.repo, args.private, args.message)
     return 0
 
 

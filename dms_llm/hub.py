@@ -84,12 +84,12 @@ def push(folder: str | Path, repo_id: str, private: bool = False, token: str | N
     The token is ``token``, else the usual ``HF_TOKEN`` / ``hf auth login``; it is never printed or logged."""
     from huggingface_hub import HfApi, get_token
 
-    token = token or get_token()
-    if not token:
-        raise PushError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again "
-                        f"with `dms-llm push {folder} --repo {repo_id}`")
     with tempfile.TemporaryDirectory(prefix=".dms-push-") as tmp:
-        staged = stage(folder, repo_id, Path(tmp) / "upload")
+        staged = stage(folder, repo_id, Path(tmp) / "upload")  # refuses an incomplete export or a bad repo id
+        token = token or get_token()
+        if not token:
+            raise PushError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again "
+                            f"with `dms-llm push {folder} --repo {repo_id}`")
         api = HfApi(token=token)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -118,6 +118,7 @@ def test_push_without_token_says_how_to_log_in(pruned_folder, monkeypatch, tmp_p
 
 class FakeApi:
     calls: list = []
+    messages: list = []
     fail_upload = False
 
     def __init__(self, token=None):
@@ -131,21 +132,24 @@ class FakeApi:
         files = sorted(p.name for p in folder_path.iterdir())
         card = (folder_path / "README.md").read_text()
         self.calls.append(("upload_folder", repo_id, files, card, self.token))
+        self.messages.append(commit_message)
         if self.fail_upload:
             raise OSError(f"connection reset while sending with Authorization: Bearer {self.token}")
 
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    FakeApi.calls, FakeApi.fail_upload = [], False
+    FakeApi.calls, FakeApi.messages, FakeApi.fail_upload = [], [], False
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return FakeApi
 
 
 def test_push_command_uploads_the_staged_folder_and_never_prints_the_token(pruned_folder, fake_hub, capsys, caplog):
-    assert cli.main(["push", str(pruned_folder), "--repo", "someone/tiny-dms", "--private"]) == 0
+    assert cli.main(["push", str(pruned_folder), "--repo", "someone/tiny-dms", "--private",
+                     "--message", "first upload"]) == 0
     (_, repo, private), (_, _, files, card, token) = fake_hub.calls
+    assert fake_hub.messages == ["first upload"]
     assert repo == "someone/tiny-dms" and private and token == TOKEN
     assert files == sorted(files_to_upload(pruned_folder) + ["README.md"])
     assert 'path = "someone/tiny-dms"' in card
