@@ -121,6 +121,11 @@ def _hub_text(name: str, split: str, max_chars: int | None) -> str:
         ) from None
 
 
+def _read_file(path: Path, max_chars: int | None) -> str:
+    """One local file: the ``text`` fields of a JSONL / JSON file, or the text of any other file."""
+    return _read_jsonl(path, max_chars) if path.suffix in JSON_SUFFIXES else _read_text_file(path, max_chars)
+
+
 def load_text(source: str | Path, split: str = "train", max_chars: int | None = None) -> str:
     """The raw text of ``source`` (see the module docstring). ``split`` picks the Hub split ("train"/"test")."""
     src = str(source)
@@ -134,16 +139,13 @@ def load_text(source: str | Path, split: str = "train", max_chars: int | None = 
                 raise DataError(f"folder {path} holds no .txt/.raw/.tokens/.jsonl/.json files")
             parts, total = [], 0
             for file in files:  # stop reading once enough text is in hand
-                parts.append(_read_jsonl(file, max_chars) if file.suffix in JSON_SUFFIXES else
-                             _read_text_file(file, max_chars))
+                parts.append(_read_file(file, max_chars))
                 total += len(parts[-1])
                 if max_chars and total >= max_chars:
                     break
             text = "\n\n".join(parts)
-        elif path.suffix in JSON_SUFFIXES:
-            text = _read_jsonl(path, max_chars)
         else:
-            text = _read_text_file(path, max_chars)
+            text = _read_file(path, max_chars)
     elif src.lower() in HUB_ALIASES:
         text = _hub_text(HUB_ALIASES[src.lower()], split, max_chars)
     else:
