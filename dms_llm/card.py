@@ -64,7 +64,8 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
     per_layer = info.get("format", "").startswith("per-layer")
     recovery = info.get("recovery")
     tags = ["pruned", "dms", "dms-llm", "structured-pruning"]
-    joint = bool((info.get("search") or {}).get("config", {}).get("joint"))
+    search_config = (info.get("search") or {}).get("config", {})
+    joint = bool(search_config.get("joint"))
     if recovery or joint:
         tags += ["distillation"] + (["lora"] if joint or (recovery or {}).get("lora") else [])
     sources = [info.get("search", {}).get("calibration"), (recovery or {}).get("calibration")]
@@ -113,8 +114,8 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         lines += [f"The structure was searched with frozen weights; the kept weights were then finetuned by "
                   f"distillation from the dense model on {recovery.get('tokens_seen', 0):,} tokens of "
                   f"`{recovery.get('calibration')}` ({'LoRA, merged' if recovery.get('lora') else 'all weights'}).", ""]
-    elif (info.get("search") or {}).get("config", {}).get("joint"):
-        rank = info["search"]["config"].get("lora_rank")
+    elif joint:
+        rank = search_config.get("lora_rank")
         lines += [f"Joint search: LoRA adapters (rank {rank}) were trained together with the structure by "
                   f"distillation from the dense model and merged into the kept weights before slicing.", ""]
     else:
