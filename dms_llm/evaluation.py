@@ -1,4 +1,4 @@
-"""Evaluation of dense and pruned models: perplexity (DESIGN.md §5).
+"""Evaluation of dense and pruned models: perplexity, zero-shot accuracy, speed (docs/DESIGN.md §5).
 
 Perplexity = exp(mean token NLL) over non-overlapping windows of ``seq_len`` tokens of the whole tokenized text
 (the SparseGPT / Wanda / SliceGPT protocol); each window predicts its tokens 2..seq_len.
@@ -65,14 +65,18 @@ def perplexity(
 
 
 def evaluate(model, tokenizer, ppl_data=("wikitext2",), seq_len: int | None = None, max_windows: int | None = None,
-             tasks=None, include_path=None, limit: int | None = None, measure_speed: bool = False) -> dict:
-    """Evaluate an in-memory model: perplexity on every source in ``ppl_data``, zero-shot accuracy on lm-eval
-    ``tasks`` (local YAML tasks from ``include_path``), and prefill/decode speed if ``measure_speed``."""
-    results: dict = {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows) for d in ppl_data or ()}}
+             tasks=None, include_path=None, limit: int | None = None, batch_size: int = 8,
+             measure_speed: bool = False) -> dict:
+    """Evaluate an in-memory model: perplexity on every source in ``ppl_data`` (``{source: result}``), zero-shot
+    accuracy on lm-eval ``tasks`` (local YAML tasks from ``include_path``; ``batch_size`` requests at a time), and
+    prefill/decode speed if ``measure_speed``."""
+    results: dict = {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows)
+                                    for d in ppl_data or ()}}
     if tasks:
         from .zeroshot import zero_shot
 
-        results["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=include_path, limit=limit)
+        results["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
+                                         limit=limit)
     if measure_speed:
         results["speed"] = speed(model)
     return results
@@ -84,7 +88,8 @@ def _sync(device):
 
 
 @torch.no_grad()
-def speed(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict:
+def speed(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
+          seed: int = 0) -> dict:
     """Prefill and decode throughput of ``model`` at a stated batch and length, plus memory.
 
     Prefill: one forward over ``batch_size x prompt_len`` tokens. Decode: ``new_tokens`` greedy steps of one token

@@ -1,37 +1,27 @@
-"""Export a searched structure as a smaller checkpoint (DESIGN.md §4).
+"""Export a searched structure as a smaller checkpoint (docs/DESIGN.md §4).
 
 A uniform structure becomes a stock model of the source's class (plain ``from_pretrained``); a per-layer one a
 ``DMSLlamaForCausalLM`` whose config and modeling files are saved beside the weights (``trust_remote_code=True``).
-Every export is written to a temporary folder beside the target, reloaded from disk and compared with the
-hard-masked source model, and only then moved into place.
+The sliced model is compared with the hard-masked source in memory; the folder is then written, reloaded and
+checked by :mod:`dms_llm.folder`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .folder import ExportError, check_output_dir, check_same_logits, default_atol, probe_logits, write_checkpoint
 from .gates import hard_masked
-from .resources import ResourceModel
+from .resources import ResourceModel, count_parameters
 from .structure import ModelShape, Structure, decoder_layers
-
-logger = logging.getLogger("dms_llm")
 
 DROP_CONFIG_KEYS = ("quantization_config", "auto_map", "architectures", "_name_or_path", "transformers_version",
                     "model_type", "layer_num_key_value_heads", "layer_intermediate_sizes", "dtype", "torch_dtype")
-
-
-class ExportError(RuntimeError):
-    """The export could not be written or did not reproduce the masked model."""
 
 
 @dataclass
@@ -90,7 +80,8 @@ def pruned_config(model: nn.Module, structure: Structure):
         try:
             return type(model.config)(**base)
         except Exception as e:
-            raise ExportError(f"the uniform structure gives a config that {type(model.config).__name__} rejects: {e}") from None
+            raise ExportError(f"the uniform structure gives a config that {type(model.config).__name__} "
+                              f"rejects: {e}") from None
     if shape.model_type != "llama":
         raise ExportError(
             f"per-layer export supports Llama models; for model_type={shape.model_type!r} search with --uniform"
@@ -104,8 +95,9 @@ def pruned_config(model: nn.Module, structure: Structure):
     return DMSLlamaConfig(**base)
 
 
-def build_pruned_model(model: nn.Module, structure: Structure) -> nn.Module:
-    """A new, smaller model holding sliced copies of ``model``'s weights; ``model`` is not changed."""
+def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None) -> nn.Module:
+    """A new, smaller model holding sliced copies of ``model``'s weights; ``model`` is not changed. Its logits are
+    checked against ``model`` hard-masked to ``structure`` (max abs diff <= ``atol``, by default 1e-3 in fp32)."""
     shape = ModelShape.from_model(model)
     structure.validate(shape)
     config = pruned_config(model, structure)
@@ -139,34 +131,33 @@ def build_pruned_model(model: nn.Module, structure: Structure) -> nn.Module:
         new.generation_config = copy.deepcopy(model.generation_config)
     new.to(next(model.parameters()).device)
     new.eval()
+    with hard_masked(model, structure):
+        expected = probe_logits(model)
+    check_same_logits(expected, probe_logits(new), default_atol(model) if atol is None else atol, "the sliced model")
     return new
 
 
-def probe_ids(vocab_size: int, device) -> torch.Tensor:
-    """Fixed random token ids on which a written checkpoint is compared with the model in memory."""
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab_size, (2, 48), generator=g).to(device)
-
-
-def check_output_dir(out_dir: str | Path, source_dir: str | Path | None, overwrite: bool) -> Path:
-    """Refuse outputs that would overwrite the source or existing work; return the resolved target."""
-    out = Path(out_dir).expanduser().resolve()
-    if source_dir is not None:
-        src = Path(source_dir).resolve()
-        if out == src or src in out.parents:
-            raise ExportError(f"refusing to write the export into the source folder {src}; choose --out elsewhere")
-        if out in src.parents:
-            raise ExportError(f"refusing to write the export to {out}, which contains the source model {src}")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {parent} (read-only or no permission); choose a writable --out")
-    return out
+def structure_info(model: nn.Module, structure: Structure, pruned: nn.Module) -> dict:
+    """What ``dms_structure.json`` records about the structure: format, widths per layer, sizes before and after."""
+    shape = ModelShape.from_model(model)
+    res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
+    return {
+        "format": "uniform (stock config)" if structure.is_uniform() else "per-layer (trust_remote_code)",
+        "source_architecture": type(model).__name__,
+        "num_layers_before": shape.num_layers,
+        "num_layers_after": len(structure.kept_layers()),
+        "dense_query_heads": shape.num_heads,
+        "dense_mlp_channels": shape.intermediate_size,
+        "kept_query_heads": structure.num_heads(),
+        "kept_kv_heads": structure.num_kv_heads(),
+        "kept_mlp_channels": structure.intermediate_sizes(),
+        "attention_blocks_kept": [bool(x.kv_heads) for x in structure.layers],
+        "mlp_blocks_kept": [bool(x.channels) for x in structure.layers],
+        "params_before": res_p.dense(),
+        "params_after": count_parameters(pruned),
+        "macs_2048_before": res_m.dense(),
+        "macs_2048_after": res_m.of_structure(structure),
+    }
 
 
 def export(
@@ -179,146 +170,17 @@ def export(
     metadata: dict | None = None,
     atol: float | None = None,
     extra_files: dict[str, str] | None = None,
+    pruned: nn.Module | None = None,
 ) -> ExportResult:
-    """Slice ``model`` to ``structure``, save it to ``out_dir`` with tokenizer, generation config,
-    ``dms_structure.json`` and ``dms_structure.png``, reload it and check its logits against the hard-masked
-    model (fp32: max abs diff <= 1e-3), then move it into place."""
+    """Slice ``model`` to ``structure`` (or take ``pruned``, a model already sliced to it and perhaps repaired),
+    save it to ``out_dir`` with tokenizer, generation config, ``dms_structure.json``, ``dms_structure.png`` and a
+    model card, reload it and check its logits against the model in memory (fp32: max abs diff <= 1e-3), then move
+    it into place. ``source_dir`` (the input checkpoint's folder) is never written to."""
     shape = ModelShape.from_model(model)
     structure.validate(shape)
     out = check_output_dir(out_dir, source_dir, overwrite)
-    device = next(model.parameters()).device
-    probe = probe_ids(shape.vocab_size, device)
-    with torch.no_grad(), hard_masked(model, structure):
-        reference = model(input_ids=probe, use_cache=False).logits.float()
-    pruned = build_pruned_model(model, structure)
-    uniform = structure.is_uniform()
-
-    res_p, res_m = ResourceModel(shape, "params"), ResourceModel(shape, "macs", 2048)
-    info = {
-        "format": "uniform (stock config)" if uniform else "per-layer (trust_remote_code)",
-        "source_architecture": type(model).__name__,
-        "num_layers_before": shape.num_layers,
-        "num_layers_after": len(structure.kept_layers()),
-        "dense_query_heads": shape.num_heads,
-        "dense_mlp_channels": shape.intermediate_size,
-        "kept_query_heads": structure.num_heads(),
-        "kept_kv_heads": structure.num_kv_heads(),
-        "kept_mlp_channels": structure.intermediate_sizes(),
-        "attention_blocks_kept": [bool(x.kv_heads) for x in structure.layers],
-        "mlp_blocks_kept": [bool(x.channels) for x in structure.layers],
-        "params_before": res_p.dense(),
-        "params_after": res_p.of_structure(structure),
-        "macs_2048_before": res_m.dense(),
-        "macs_2048_after": res_m.of_structure(structure),
-        **(metadata or {}),
-    }
-    diff = write_checkpoint(pruned, out, structure, info, probe, reference, tokenizer=tokenizer, atol=atol,
-                            extra_files=extra_files)
-    return ExportResult(out, pruned, uniform, diff, info["params_after"])
-
-
-def write_checkpoint(
-    model: nn.Module,
-    out: Path,
-    structure: Structure,
-    info: dict,
-    probe: torch.Tensor,
-    reference: torch.Tensor,
-    tokenizer=None,
-    atol: float | None = None,
-    extra_files: dict[str, str] | None = None,
-) -> float:
-    """Save ``model`` with tokenizer, ``dms_structure.json`` (``info`` + structure), the structure plot, a model
-    card and ``extra_files`` into a temporary folder beside ``out``; reload it and check its logits on ``probe``
-    against ``reference``; then move it into place. Returns the max abs logit difference."""
-    dtype = next(model.parameters()).dtype
-    atol = atol if atol is not None else (1e-3 if dtype == torch.float32 else 1e-1)
-    uniform = structure.is_uniform()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        structure.save(tmp / "dms_structure.json", **info)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        from .card import write_model_card
-
-        write_model_card(tmp, info)
-        try:
-            from .plot import plot_structure
-
-            plot_structure(structure, info["dense_query_heads"], info["dense_mlp_channels"], tmp / "dms_structure.png",
-                           title=f"{info['params_after'] / 1e6:.1f}M of {info['params_before'] / 1e6:.1f}M parameters")
-        except ImportError:  # matplotlib is optional
-            logger.warning("matplotlib is not installed: no dms_structure.png")
-        diff = _verify(tmp, probe, reference, uniform, atol, dtype)
-        _move_into_place(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(
-            f"could not write the export beside {out} ({e.strerror or e}); free disk space or choose another --out. "
-            f"Nothing was changed in {out}."
-        ) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("saved %s (%s), reloaded logits max abs diff %.2e", out, info["format"], diff)
-    return diff
-
-
-def _verify(folder: Path, probe: torch.Tensor, reference: torch.Tensor, uniform: bool, atol: float, dtype) -> float:
-    """Reload the written folder in the source's dtype and compare its logits with the masked model's."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=not uniform, dtype=dtype)
-    reloaded.to(probe.device).eval()
-    with torch.no_grad():
-        logits = reloaded(input_ids=probe, use_cache=False).logits.float()
-    diff = (logits - reference).abs().max().item()
-    if not diff <= atol:
-        raise ExportError(
-            f"the reloaded export differs from the masked model: max abs logit diff {diff:.3e} > {atol:g}. "
-            f"Nothing was written to the output folder; please report this with dms_structure.json."
-        )
-    return diff
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Atomic as far as the file system allows: the old folder is only removed once the new one is in place."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file into a finished export without ever leaving it half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_structure_file(folder: str | Path) -> dict:
-    """The contents of an export's ``dms_structure.json`` (structure, sizes, how it was made, results)."""
-    path = Path(folder) / "dms_structure.json"
-    if not path.is_file():
-        raise ExportError(f"{folder} has no dms_structure.json: it is not a dms-llm export")
-    return json.loads(path.read_text())
-
-
-def update_structure_file(folder: str | Path, **values) -> dict:
-    """Add ``values`` to a finished export's ``dms_structure.json`` and re-render its model card, atomically."""
-    from .card import write_model_card
-
-    info = {**load_structure_file(folder), **values}
-    write_atomic(Path(folder) / "dms_structure.json", json.dumps(info, indent=1))
-    write_model_card(folder, info)
-    return info
+    if pruned is None:
+        pruned = build_pruned_model(model, structure, atol=atol)
+    info = {**structure_info(model, structure, pruned), **(metadata or {})}
+    diff = write_checkpoint(pruned, out, structure, info, tokenizer=tokenizer, atol=atol, extra_files=extra_files)
+    return ExportResult(out, pruned, structure.is_uniform(), diff, info["params_after"])

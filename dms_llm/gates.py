@@ -141,7 +141,8 @@ class DMSGates(nn.Module):
         if search_heads:
             self.operators["heads"] = DifferentiableTopK(shape.num_kv_heads, L, uniform, 4, momentum=momentum)
         if search_channels:
-            self.operators["channels"] = DifferentiableTopK(shape.intermediate_size // mlp_unit, L, uniform, momentum=momentum)
+            units = shape.intermediate_size // mlp_unit
+            self.operators["channels"] = DifferentiableTopK(units, L, uniform, momentum=momentum)
         if search_depth:
             if uniform:
                 self.operators["layer_depth"] = DifferentiableTopK(L, 1, temperature_scale=4, momentum=momentum)
@@ -151,17 +152,15 @@ class DMSGates(nn.Module):
         device = next(model.parameters()).device
         self.to(device)
         self.hooks = MaskHooks(model, shape)
-        self.mode = "soft"
         self._step_masks: dict[str, torch.Tensor] = {}
 
     # -- masks ---------------------------------------------------------------------------------------------
-    def begin_step(self, mode: str | None = None) -> None:
+    def begin_step(self, mode: str) -> None:
         """Compute this step's masks (once, outside any checkpointed region) and hand them to the hooks.
 
         Modes: ``soft`` (differentiable, the search), ``hard`` (0/1 of the current choice), ``off`` (the dense
         model, used as the teacher), ``ones`` (the dense model, but with masks that collect gradients: warm-up).
         """
-        mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"unknown gate mode {mode!r}; choose from {MODES}")
         self._step_masks = {}

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import DMSError
+
 logger = logging.getLogger("dms_llm")
 
 CODE_FILES = ("configuration_dms_llama.py", "modeling_dms_llama.py")
@@ -17,10 +19,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 ALWAYS = ("config.json", "dms_structure.json", "dms_structure.png")
 OPTIONAL = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt",
             "added_tokens.json", "chat_template.jinja", "dms_search_log.jsonl", "dms_recovery_log.jsonl",
-            "dms_summary.json", "model.safetensors.index.json")
+            "model.safetensors.index.json")
 
 
-class PushError(RuntimeError):
+class PushError(DMSError, RuntimeError):
     """The export cannot be published, or the upload failed."""
 
 
@@ -55,7 +57,7 @@ def stage(folder: str | Path, repo_id: str, staging_dir: str | Path) -> Path:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from .card import render_model_card
-    from .exporter import load_structure_file
+    from .folder import load_structure_file
 
     try:
         validate_repo_id(repo_id)

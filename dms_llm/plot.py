@@ -7,7 +7,8 @@ from pathlib import Path
 from .structure import Structure
 
 
-def plot_structure(structure: Structure, num_heads: int, intermediate_size: int, path: str | Path, title: str = "") -> Path:
+def plot_structure(structure: Structure, num_heads: int, intermediate_size: int, path: str | Path,
+                   title: str = "") -> Path:
     """Save a PNG with two bar panels (kept query heads and kept MLP channels per layer, dense width in grey);
     a removed block shows as an empty slot with an x."""
     import matplotlib

@@ -7,18 +7,18 @@ and that is saved as ``dms_structure.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from torch import nn
+
+from .errors import DMSError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "dms_llama")
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(DMSError, ValueError):
     """The model is not a decoder-only Llama-family model that DMS can prune."""
 
 
@@ -71,7 +71,8 @@ class ModelShape:
                 )
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
         if n_heads % n_kv != 0:
-            raise UnsupportedModelError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+            raise UnsupportedModelError(f"num_attention_heads={n_heads} is not a multiple of "
+                                        f"num_key_value_heads={n_kv}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         return cls(
             vocab_size=config.vocab_size,
@@ -173,15 +174,9 @@ class Structure:
         return cls(
             heads_per_group=int(data["heads_per_group"]),
             head_dim=int(data["head_dim"]),
-            layers=[LayerStructure(list(map(int, x["kv_heads"])), list(map(int, x["channels"]))) for x in data["layers"]],
+            layers=[LayerStructure(list(map(int, x["kv_heads"])), list(map(int, x["channels"])))
+                    for x in data["layers"]],
         )
-
-    def save(self, path: str | Path, **extra) -> None:
-        Path(path).write_text(json.dumps({**extra, "structure": self.to_dict()}, indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Structure":
-        return cls.from_dict(json.loads(Path(path).read_text())["structure"])
 
     def validate(self, shape: ModelShape) -> None:
         """Raise ValueError when the structure does not fit the model (wrong layer count, bad indices)."""
@@ -190,11 +185,9 @@ class Structure:
         if self.heads_per_group != shape.heads_per_group or self.head_dim != shape.head_dim:
             raise ValueError("structure was made for a model with another attention layout")
         for i, layer in enumerate(self.layers):
-            if any(not 0 <= h < shape.num_kv_heads for h in layer.kv_heads) or len(set(layer.kv_heads)) != len(layer.kv_heads):
-                raise ValueError(f"layer {i}: KV head indices must be distinct and in [0, {shape.num_kv_heads})")
-            if any(not 0 <= c < shape.intermediate_size for c in layer.channels) or len(set(layer.channels)) != len(
-                layer.channels
-            ):
-                raise ValueError(f"layer {i}: MLP channel indices must be distinct and in [0, {shape.intermediate_size})")
+            for what, kept, n in (("KV head", layer.kv_heads, shape.num_kv_heads),
+                                  ("MLP channel", layer.channels, shape.intermediate_size)):
+                if any(not 0 <= x < n for x in kept) or len(set(kept)) != len(kept):
+                    raise ValueError(f"layer {i}: {what} indices must be distinct and in [0, {n})")
         if not self.kept_layers():
             raise ValueError("structure removes every layer")

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import DMSError
+
 DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 REPORTED_METRIC = {
     "boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
@@ -19,7 +21,7 @@ REPORTED_METRIC = {
 BUILTIN_TASKS = Path(__file__).parent / "tasks"
 
 
-class TaskError(ValueError):
+class TaskError(DMSError, ValueError):
     """An lm-eval task that cannot be found or run."""
 _DATA_FILE = re.compile(r"^(\s*[\w-]+:\s*)([^\s#'\"]+\.(?:jsonl|json|csv|parquet|txt))\s*$")
 
@@ -65,7 +67,7 @@ def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_si
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tasks = list(tasks)
+    tasks = [t for name in tasks for t in (DEFAULT_TASKS if name == "default" else [name]) if t]
     manager = task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -1,6 +1,8 @@
-"""Perplexity of one or more models on the same windows (DESIGN.md §5).
+"""Perplexity of one or more models on the same windows (docs/DESIGN.md §5).
 
-    python eval/perplexity.py smollm2-135m smollm2-dms --data ../shared/data/wikitext2/wiki.test.raw --windows 16
+    python eval/perplexity.py smollm2-135m smollm2-dms --trust-remote-code --data wikitext2 --windows 16
+
+``--data``: a Hub name (wikitext2, ptb, c4), a local text file (e.g. WikiText-2's wiki.test.raw) or pydoc-heldout.
 """
 
 import argparse
@@ -24,7 +26,8 @@ for name in args.models:
     tokens = evaluation_tokens(tokenizer, args.data) if tokens is None else tokens  # same tokenizer assumed
     r = perplexity(model, tokens=tokens, seq_len=args.seq_len, max_windows=args.windows)
     rows.append({"model": name, **r})
-    print(f"{name}: ppl {r['ppl']:.3f} ({r['windows']}/{r['total_windows']} windows of {r['seq_len']}, {r['seconds']:.0f} s)")
+    print(f"{name}: ppl {r['ppl']:.3f} ({r['windows']}/{r['total_windows']} windows of {r['seq_len']}, "
+          f"{r['seconds']:.0f} s)")
 if args.json:
     with open(args.json, "w") as f:
         json.dump({"data": args.data, "results": rows}, f, indent=1)

@@ -3,9 +3,10 @@
     python scripts/benchmark.py                       # SmolLM2-135M, --keep 0.8 and 0.5, CPU: first 8 windows
     python scripts/benchmark.py --windows 0           # all windows (GPU)
 
-Calibrates on ../shared/data/wikitext2/wiki.valid.tokens, scores perplexity on wiki.test.raw (file text,
-non-overlapping 2048-token windows), measures search wall time and prefill / decode speed against the dense model,
-then writes benchmarks/results.json, benchmarks/ppl_vs_params.png and the marked section of BENCHMARKS.md.
+Calibrates on --calib and scores perplexity on --eval-data (defaults: WikiText-2 from the Hub; without network pass
+local copies, e.g. --calib DIR/wiki.valid.tokens --eval-data DIR/wiki.test.raw; non-overlapping 2048-token windows),
+measures search wall time and prefill / decode speed against the dense model, then writes benchmarks/results.json,
+benchmarks/ppl_vs_params.png and the marked section of BENCHMARKS.md.
 No method updates weights. Torch-Pruning runs in its own environment (scripts/run_torch_pruning.sh, transformers
 4.48.3); its rows are added from benchmarks/torch_pruning.json when present.
 """
@@ -20,18 +21,16 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 
 import dms_llm
-from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 from dms_llm.baselines import random_uniform, shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
 from dms_llm.evaluation import speed, speed_ratios
 from dms_llm.resources import ResourceModel, count_parameters
-from dms_llm.search import resolve_target
 from dms_llm.structure import ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext2"
 METHODS = ("dms_per_layer", "dms_uniform", "taylor_uniform", "shortgpt", "random_uniform")
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
@@ -39,12 +38,13 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default="smollm2-135m")
 parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.5])
 parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-parser.add_argument("--windows", type=int, default=None, help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
+parser.add_argument("--windows", type=int, default=None,
+                    help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200)
 parser.add_argument("--seq-len", type=int, default=256)
 parser.add_argument("--num-samples", type=int, default=64)
-parser.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
-parser.add_argument("--eval-data", default=str(DATA / "wiki.test.raw"))
+parser.add_argument("--calib", default="wikitext2", help="calibration text (Hub name or local file)")
+parser.add_argument("--eval-data", default="wikitext2", help="perplexity text (Hub name or local file)")
 parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
 parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
 args = parser.parse_args()
@@ -76,7 +76,7 @@ def measure(name, keep, structure, seconds):
 dense_speed = speed(model)
 rows = [measure("dense", 1.0, None, 0.0)]
 for keep in args.keeps:
-    target = resolve_target(dms_llm.PruneConfig(keep=keep), ResourceModel(shape))
+    target = dms_llm.PruneConfig(keep=keep).resolve_target(ResourceModel(shape))
     for method in args.methods:
         t0 = time.perf_counter()
         if method.startswith("dms"):
@@ -123,8 +123,9 @@ fig.tight_layout()
 fig.savefig(out / "ppl_vs_params.png", dpi=110)
 
 lines = [START, "", f"### Peer comparison — {args.model}, no weight update", "",
-         f"Measured {stamp} on {machine}. Calibration: `{Path(args.calib).name}` ({args.num_samples} x {args.seq_len} tokens); "
-         f"perplexity: `{Path(args.eval_data).name}` file text, first {rows[0]['eval_windows']} windows of 2048 tokens. "
+         f"Measured {stamp} on {machine}. Calibration: `{Path(args.calib).name}` ({args.num_samples} x "
+         f"{args.seq_len} tokens); perplexity: `{Path(args.eval_data).name}` file text, first "
+         f"{rows[0]['eval_windows']} windows of 2048 tokens. "
          f"Speed: batch 1, prompt 128, 32 decoded tokens, best of 3, same process. "
          f"Command: `{' '.join(['python scripts/benchmark.py', *map(shlex.quote, sys.argv[1:])])}`. "
          f"taylor_uniform follows LLM-Pruner's recipe (first 4 and last 2 layers dense, the others equally narrowed "

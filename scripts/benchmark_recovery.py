@@ -5,8 +5,8 @@ before and after.
     python scripts/benchmark_recovery.py                    # CPU: 65,536 recovery tokens, first 8 eval windows
     python scripts/benchmark_recovery.py --tokens 2000000 --windows 0     # GPU: a larger budget, all windows
 
-Search calibration and recovery text: ../shared/data/wikitext2/wiki.valid.tokens; perplexity: wiki.test.raw (file
-text, non-overlapping 2048-token windows) — the same protocol as scripts/benchmark.py. Writes
+Search calibration and recovery text: --calib; perplexity: --eval-data (non-overlapping 2048-token windows) — the
+same protocol and defaults as scripts/benchmark.py. Writes
 benchmarks/recovery.json and the marked recovery section of BENCHMARKS.md.
 """
 
@@ -21,18 +21,16 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 
 import dms_llm
-from bench_common import eval_windows, machine_name, replace_section  # noqa: E402  (a sibling module of this script)
 from dms_llm.baselines import shortgpt, taylor_uniform
 from dms_llm.data import evaluation_tokens
 from dms_llm.recovery import FinetuneConfig, finetune
 from dms_llm.resources import ResourceModel, count_parameters
-from dms_llm.search import resolve_target
 from dms_llm.structure import ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext2"
 METHODS = ("dms_per_layer", "dms_uniform", "shortgpt", "taylor_uniform")
 START, END = "<!-- recovery:start -->", "<!-- recovery:end -->"
 
@@ -45,10 +43,11 @@ parser.add_argument("--seq-len", type=int, default=512, help="recovery sequence 
 parser.add_argument("--batch-size", type=int, default=4)
 parser.add_argument("--lr", type=float, default=None, help="default: the library default for the mode")
 parser.add_argument("--lora", action="store_true", help="recover with merged LoRA adapters instead of all weights")
-parser.add_argument("--windows", type=int, default=None, help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
+parser.add_argument("--windows", type=int, default=None,
+                    help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200, help="DMS search steps")
-parser.add_argument("--calib", default=str(DATA / "wiki.valid.tokens"))
-parser.add_argument("--eval-data", default=str(DATA / "wiki.test.raw"))
+parser.add_argument("--calib", default="wikitext2", help="calibration text (Hub name or local file)")
+parser.add_argument("--eval-data", default="wikitext2", help="perplexity text (Hub name or local file)")
 parser.add_argument("--out", default=str(ROOT / "benchmarks" / "recovery.json"))
 parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
 args = parser.parse_args()
@@ -65,7 +64,7 @@ tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
 recovery = FinetuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
                           mixed_precision="bf16" if device == "cuda" else "no")
-target = resolve_target(dms_llm.PruneConfig(keep=args.keep), ResourceModel(shape))
+target = dms_llm.PruneConfig(keep=args.keep).resolve_target(ResourceModel(shape))
 
 
 def ppl(m):

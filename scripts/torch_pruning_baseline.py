@@ -119,7 +119,8 @@ dense_params = n_params(dense)
 dense_ppl, windows = perplexity(dense, tokens, args.windows)
 dense_speed = speed(dense)
 print(f"dense: params {dense_params:,} ppl {dense_ppl:.2f}", flush=True)
-machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+machine = (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+           f"torch {torch.__version__}")
 import transformers  # noqa: E402
 
 env = f"transformers {transformers.__version__}, torch-pruning {tp.__version__}"

@@ -13,8 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from dms_llm import cli
-from dms_llm import hub
+from dms_llm import cli, hub
 from dms_llm.hub import PushError, files_to_upload, push, stage
 
 TOKEN = "hf_secretTOKEN1234567890"

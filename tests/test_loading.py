@@ -7,8 +7,8 @@ from dms_llm.structure import UnsupportedModelError
 
 
 def test_local_folder_roundtrip(tmp_path, gqa_model):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 127}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -25,7 +25,8 @@ def random_structure(shape, rng, uniform=False):
         return s
     for layer in s.layers:
         layer.kv_heads = sorted(rng.sample(range(shape.num_kv_heads), rng.randint(0, shape.num_kv_heads)))
-        layer.channels = sorted(rng.sample(range(shape.intermediate_size), rng.choice([0, rng.randint(1, shape.intermediate_size)])))
+        width = rng.choice([0, rng.randint(1, shape.intermediate_size)])
+        layer.channels = sorted(rng.sample(range(shape.intermediate_size), width))
     if not s.kept_layers():
         s.layers[0].channels = [0]
     return s

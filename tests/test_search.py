@@ -41,23 +41,23 @@ def test_search_is_reproducible_with_a_seed(gqa_model, calib):
 
 
 def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkeypatch):
-    import dms_llm.search as search_mod
+    import dms_llm.training as training_mod
 
     base = dict(keep=0.6, steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=4)
     full = prune(gqa_model, calib, PruneConfig(**base), progress=False)
     ckpt = tmp_path / "state.pt"
-    real_batch = search_mod._batch
+    real_batch = training_mod.batch_of
 
     def interrupt_at_step_7(windows, step, batch_size, seed):
         if step == 6:
             raise KeyboardInterrupt
         return real_batch(windows, step, batch_size, seed)
 
-    monkeypatch.setattr(search_mod, "_batch", interrupt_at_step_7)
+    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
     assert torch.load(ckpt, weights_only=False)["step"] == 6
-    monkeypatch.setattr(search_mod, "_batch", real_batch)
+    monkeypatch.setattr(training_mod, "batch_of", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.steps_run == 10 and _log(resumed.history) == _log(full.history)
     assert resumed.structure == full.structure
@@ -107,7 +107,7 @@ def test_joint_search_merges_lora_and_exports_the_merged_weights(gqa_model, cali
 
 
 def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, calib, tmp_path, monkeypatch):
-    import dms_llm.search as search_mod
+    import dms_llm.training as training_mod
 
     base = dict(keep=0.6, steps=8, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=3,
                 joint=True, joint_lr=1e-2, lora_rank=4)
@@ -116,20 +116,20 @@ def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, cali
 
     straight_model = copy.deepcopy(gqa_model)
     full = prune(straight_model, calib, PruneConfig(**base), progress=False)
-    ckpt, real_batch = tmp_path / "state.pt", search_mod._batch
+    ckpt, real_batch = tmp_path / "state.pt", training_mod.batch_of
 
     def interrupt_at_step_6(windows, step, batch_size, seed):
         if step == 5:
             raise KeyboardInterrupt
         return real_batch(windows, step, batch_size, seed)
 
-    monkeypatch.setattr(search_mod, "_batch", interrupt_at_step_6)
+    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
     assert _plain_linears(gqa_model)
     assert all(torch.equal(v, original[k]) for k, v in gqa_model.state_dict().items())  # adapters dropped, unmerged
     assert torch.load(ckpt, weights_only=False)["lora"]
-    monkeypatch.setattr(search_mod, "_batch", real_batch)
+    monkeypatch.setattr(training_mod, "batch_of", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.structure == full.structure and _log(resumed.history) == _log(full.history)
     final = torch.load(ckpt, weights_only=False)["lora"]  # saved before the merge: the adapters, not every weight
@@ -141,7 +141,7 @@ def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, cali
 def test_dispatched_model_is_searched_where_it_was_placed(gqa_model, calib, monkeypatch):
     """A model spread over devices with a device_map (one process) is never moved; token ids go to its
     embeddings' device, and the gate masks follow each activation's device."""
-    from dms_llm.search import input_device, is_dispatched
+    from dms_llm.training import input_device, is_dispatched
 
     gqa_model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": torch.device("cpu"), "lm_head": "cpu"}
     assert is_dispatched(gqa_model) and input_device(gqa_model) == torch.device("cpu")
@@ -152,3 +152,24 @@ def test_dispatched_model_is_searched_where_it_was_placed(gqa_model, calib, monk
     monkeypatch.setattr(gqa_model, "to", no_move)
     result = prune(gqa_model, calib, PruneConfig(keep=0.7, steps=3, warmup_steps=1, batch_size=2), progress=False)
     assert result.pruned_resource <= result.target_resource
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(gqa_model, calib, tmp_path, monkeypatch):
+    import dms_llm.search as search_mod
+
+    real_kl, calls = search_mod.kl_divergence, {"n": 0}
+
+    def kl_nan_at_step_3(student, teacher):
+        calls["n"] += 1
+        value = real_kl(student, teacher)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(search_mod, "kl_divergence", kl_nan_at_step_3)
+    ckpt = tmp_path / "state.pt"
+    cfg = PruneConfig(keep=0.7, steps=10, warmup_steps=1, batch_size=2, checkpoint_path=str(ckpt))
+    with pytest.raises(FloatingPointError, match="at step 3.*after step 2"):
+        prune(gqa_model, calib, cfg, progress=False)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 2 and len(state["history"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["gates"].values() if v.is_floating_point())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in gqa_model.modules())

@@ -68,7 +68,7 @@ def test_per_layer_export_decodes_incrementally_and_needs_trust_remote_code(tmp_
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True)
     assert model.model.layers[0].self_attn is None and model.model.layers[1].mlp is None
     _check_incremental_decoding(model)
-    with pytest.raises(ModelLoadError, match="trust-remote-code"):
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
         load_model(str(tmp_path / "p"))
 
 
@@ -92,7 +92,7 @@ def test_export_refuses_source_folder_and_existing_output(tmp_path, gqa_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(ExportError, match="--overwrite"):
+    with pytest.raises(ExportError, match="overwrite=True"):
         export(gqa_model, s, out)
     assert (out / "keep.txt").read_text() == "user data"
     export(gqa_model, s, out, overwrite=True)

@@ -1,9 +1,11 @@
-"""Integration: the embedded SmolLM2-135M through the command line, as a user runs it (short sequences)."""
+"""The command line as a user runs it: the embedded SmolLM2-135M end to end (integration, short sequences) and
+tiny local checkpoints (interrupt and resume, error messages in flags)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dms_llm.resources import count_parameters
 
-WIKI_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 def _run(*args):
@@ -33,10 +34,11 @@ def _generate(folder, trust_remote_code):
 
 @pytest.fixture(scope="module")
 def calib_file():
-    assert WIKI_VALID.exists(), f"{WIKI_VALID} is missing (the shared WikiText-2 copy)"
-    return str(WIKI_VALID)
+    """Real English text that every machine has: the built-in calibration source (CPython's pydoc topics)."""
+    return "pydoc"
 
 
+@integration
 def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     out = tmp_path / "OUT"
     proc = _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "128",
@@ -60,6 +62,7 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     assert 0 <= zs["value"] <= 1 and zs["stderr"] is not None and zs["n"] == 8
 
 
+@integration
 def test_prune_uniform_gives_stock_llama(tmp_path, calib_file):
     out = tmp_path / "U"
     _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "3", "--seq-len", "64",
@@ -69,6 +72,7 @@ def test_prune_uniform_gives_stock_llama(tmp_path, calib_file):
     _generate(out, trust_remote_code=False)
 
 
+@integration
 def test_cli_rejects_bad_budget_before_loading_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "smollm2-135m", "--keep", "0.1", "--out",
                            str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
@@ -76,6 +80,7 @@ def test_cli_rejects_bad_budget_before_loading_data(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@integration
 def test_eval_command_on_gguf(tmp_path):
     proc = _run("eval", "smollm2-135m", "--eval-data", "pydoc-heldout", "--eval-windows", "1", "--eval-seq-len", "128",
                 "--json", str(tmp_path / "r.json"))
@@ -84,6 +89,7 @@ def test_eval_command_on_gguf(tmp_path):
     torch.testing.assert_close(r["seq_len"], 128)
 
 
+@integration
 @pytest.mark.parametrize("keep", ["0", "1", "-0.5"])
 def test_cli_rejects_keep_out_of_range_at_once(tmp_path, keep):
     proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "smollm2-135m", f"--keep={keep}", "--out",
@@ -91,6 +97,7 @@ def test_cli_rejects_keep_out_of_range_at_once(tmp_path, keep):
     assert proc.returncode == 2 and "strictly between 0 and 1" in proc.stderr
 
 
+@integration
 def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
     import math
 
@@ -101,6 +108,7 @@ def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
     assert len(log) == 5 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in log)
 
 
+@integration
 def test_bf16_recovery_on_smollm2_stays_finite(calib_file):
     """Distillation in bf16 autocast (fp32 KL softmax, fp32 master weights) gives finite losses on the real model."""
     import dms_llm
@@ -119,3 +127,33 @@ def test_bf16_recovery_on_smollm2_stays_finite(calib_file):
     assert result.steps_run == 3
     assert all(torch.isfinite(torch.tensor([h["loss"], h["kl"], h["grad_norm"]])).all() for h in result.history)
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
+
+
+def test_sigterm_during_finetune_saves_and_resume_ends_with_the_same_weights(tmp_path, pruned_folder, dense_folder,
+                                                                          text_file):
+    """A scheduler's SIGTERM to `dms-llm finetune` saves the state like Ctrl-C (exit 130); `--resume` then ends
+    with exactly the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "dms_llm", "finetune", str(pruned_folder), "--trust-remote-code", "--teacher",
+                str(dense_folder), "--calib", str(text_file), "--tokens", str(400 * 2 * 32), "--seq-len", "32",
+                "--batch-size", "2", "--lr", "1e-3", "--no-eval", "--out", str(out), *extra]
+
+    straight = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "b"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the training loop runs (its first step is logged)
+        if "step 1/400" in line:
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, rest[-2000:]
+    state = tmp_path / ".b.recovery-state.pt"
+    assert state.exists() and "continue with --resume" in rest and not out.exists()
+    resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not state.exists()

@@ -12,11 +12,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dms_llm import cli
-from dms_llm import recovery as finetune_mod
+from dms_llm import recovery as recovery_mod
 from dms_llm.exporter import build_pruned_model
 from dms_llm.recovery import FinetuneConfig, FinetuneError, finetune
 from dms_llm.resources import count_parameters
-from dms_llm.search import _kl
+from dms_llm.training import kl_divergence
 
 from .conftest import per_layer_structure, tiny_llama
 
@@ -34,7 +34,7 @@ def pair():
 
 def _gap(student, teacher, ids):
     with torch.no_grad():
-        return _kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
+        return kl_divergence(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -81,14 +81,14 @@ def test_interrupted_run_resumes_to_the_same_weights(pair, windows, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pair, windows, tmp_path, monkeypatch):
     dense, pruned = pair
-    real_kl, calls = finetune_mod._kl, {"n": 0}
+    real_kl, calls = recovery_mod.kl_divergence, {"n": 0}
 
     def kl_nan_at_step_3(student, teacher):
         calls["n"] += 1
         value = real_kl(student, teacher)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(finetune_mod, "_kl", kl_nan_at_step_3)
+    monkeypatch.setattr(recovery_mod, "kl_divergence", kl_nan_at_step_3)
     config = FinetuneConfig(tokens=10 * 4 * 32, lr=1e-3, checkpoint_path=str(tmp_path / "s.pt"))
     with pytest.raises(FloatingPointError, match="at step 3.*state after step 2"):
         finetune(pruned, windows, config, teacher=dense, progress=False)
@@ -99,7 +99,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(pair, windows, tmp_path, m
 
 @pytest.mark.parametrize("change, message", [
     (dict(tokens=8), "less than one window"),
-    (dict(batch_size=99), "batch_size must be"),
+    (dict(batch_size=99), "`batch_size` must be"),
     (dict(kl_weight=0.0, lm_loss_weight=0.0), "nothing to train"),
 ])
 def test_bad_settings_are_refused(pair, windows, change, message):

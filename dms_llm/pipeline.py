@@ -1,0 +1,288 @@
+"""The whole jobs in one call each, as ``dms-llm prune`` and ``dms-llm finetune`` run them:
+
+    run = prune_checkpoint(PruneJob("smollm2-135m", "smollm2-dms", PruneConfig(keep=0.8)))
+    run = finetune_checkpoint(FinetuneJob("smollm2-dms", "smollm2-dms-ft", FinetuneConfig(tokens=200_000)))
+
+``prune_checkpoint``: load -> calibration windows -> DMS search -> slice -> perplexity before/after -> write the
+folder (temporary folder, reload and logit check, rename) with its record, card, plot and search log -> remove the
+search state -> optionally push. ``finetune_checkpoint`` does the same for recovery. The command line
+only parses its flags into these jobs and prints the result, so both write the same folder; the record holds the
+equivalent ``dms-llm`` command line of the job (:func:`command_line`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows, evaluation_tokens
+from .errors import DMSError, flag
+from .evaluation import perplexity
+from .exporter import ExportResult, build_pruned_model, export
+from .folder import check_output_dir, load_structure_file, save_recovered, state_path
+from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
+from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
+from .search import PruneConfig, PruneResult, prune
+
+logger = logging.getLogger("dms_llm")
+
+@dataclass
+class PruneJob:
+    """What ``dms-llm prune`` does, as settings: the model, the output folder, the search, the data.
+
+    ``eval_data=None`` skips the perplexity evaluation (``--no-eval``)."""
+
+    model: str  # Hub id, local folder, .gguf file or the embedded default "smollm2-135m"
+    out: str
+    config: PruneConfig
+    calib: str = "pydoc"
+    seq_len: int = 256
+    num_samples: int = 64
+    eval_data: str | None = "pydoc-heldout"
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+
+
+@dataclass
+class FinetuneJob:
+    """What ``dms-llm finetune`` does: recover the export ``model`` into ``out`` by distillation from ``teacher``
+    (default: the base model the export records; ``no_teacher``: LM loss only)."""
+
+    model: str  # a dms-llm export folder
+    out: str
+    config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    teacher: str | None = None
+    no_teacher: bool = False
+    calib: str = "pydoc"
+    seq_len: int = 512
+    eval_data: str | None = "pydoc-heldout"
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+
+
+@dataclass
+class PruneRun:
+    """What :func:`prune_checkpoint` did: the folder, the search, the export, the perplexities, the record."""
+
+    out: Path
+    search: PruneResult
+    export: ExportResult
+    perplexity: dict | None  # {"dense": {...}, "pruned": {...}} or None without evaluation
+    info: dict  # the contents of dms_structure.json
+    seconds: float
+    url: str | None = None  # the Hub repo, when pushed
+
+
+@dataclass
+class FinetuneRun:
+    out: Path
+    result: FinetuneResult
+    teacher: str | None
+    perplexity: dict | None  # {"pruned": {...}, "recovered": {...}}
+    seconds: float
+    url: str | None = None
+
+
+def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
+    """The ``dms-llm`` command that runs ``job``: its settings that differ from the defaults, as flags."""
+    parts = ["dms-llm", verb, job.model]
+    defaults = {f.name: f.default for f in dataclasses.fields(job) if f.default is not dataclasses.MISSING}
+    config_defaults = {f.name: f.default for f in dataclasses.fields(job.config)}
+    settings = [(n, getattr(job, n), defaults.get(n)) for n in defaults]
+    settings += [(n, getattr(job.config, n), config_defaults[n]) for n in config_flags]
+    for name, value, default in [("out", job.out, None)] + settings:
+        if value == default:
+            continue
+        if name == "eval_data" and value is None:
+            parts.append("--no-eval")
+        elif value is True:
+            parts.append(flag(name))
+        elif value not in (False, None):
+            parts += [flag(name), shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+PRUNE_FLAGS = ("keep", "target", "resource", "uniform", "mlp_unit", "steps", "batch_size", "lr", "resource_weight",
+               "lm_loss_weight", "seed", "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
+FINETUNE_FLAGS = ("tokens", "batch_size", "lr", "lora", "lora_rank", "lora_alpha", "kl_weight", "lm_loss_weight",
+                  "seed", "mixed_precision")
+
+
+def base_model_reference(name: str) -> str:
+    """How an export records its base model: a local path absolute (so a later finetune finds its teacher from any
+    folder), a Hub id or the embedded default's name as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in EMBEDDED and path.exists() else name
+
+
+def _needs_peft(needed: bool, setting: str) -> None:
+    if needed and importlib.util.find_spec("peft") is None:
+        raise ImportError(f"`{setting}` trains LoRA adapters and needs peft: pip install 'dms-llm[peft]'")
+
+
+def _is_main_process() -> bool:
+    """Under ``accelerate launch`` only rank 0 evaluates and writes."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def _perplexities(models: dict, tokens: torch.Tensor, job) -> dict:
+    """Perplexity of each model on the job's evaluation tokens."""
+    results = {}
+    for label, model in models.items():
+        r = perplexity(model, tokens=tokens, seq_len=job.eval_seq_len, max_windows=job.eval_windows)
+        logger.info("%s perplexity %.3f on %s (%d windows of %d)", label, r["ppl"], job.eval_data, r["windows"],
+                    r["seq_len"])
+        results[label] = {**r, "data": str(job.eval_data)}
+    return results
+
+
+def _evaluation_tokens(tokenizer, job) -> torch.Tensor | None:
+    """The job's evaluation text, tokenized once (None when this process does not evaluate)."""
+    return evaluation_tokens(tokenizer, job.eval_data) if job.eval_data is not None and _is_main_process() else None
+
+
+def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
+    """Run the whole ``dms-llm prune`` job; returns what it did (None on the other ranks of ``accelerate launch``).
+
+    The model's folder is never written to; the output appears only once it is complete and checked."""
+    t0 = time.perf_counter()
+    config = job.config
+    _needs_peft(config.joint, "joint")
+    out = check_output_dir(job.out, resolve_source(job.model)[2], job.overwrite or job.resume)
+    config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "search")), resume=job.resume)
+    torch.manual_seed(config.seed)
+    load_device = "cpu" if config.fsdp else default_device(job.device)  # FSDP moves each shard to its process's device
+    model, tokenizer, source_dir = load_model(job.model, dtype=job.dtype, device=load_device,
+                                              trust_remote_code=job.trust_remote_code, device_map=job.device_map)
+    calib = calibration_windows(tokenizer, job.calib, job.seq_len, job.num_samples, seed=config.seed)
+    logger.info("calibration: %d windows of %d tokens from %s", len(calib), job.seq_len, job.calib)
+    tokens = _evaluation_tokens(tokenizer, job)
+    ppl = {}
+    if tokens is not None and config.joint:  # the joint search changes the weights: score the dense model first
+        ppl = _perplexities({"dense": model}, tokens, job)
+    result = prune(model, calib, config, progress=progress)
+    if not _is_main_process():
+        return None
+    logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
+    from accelerate import PartialState
+
+    if config.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
+        model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
+    pruned = build_pruned_model(model, result.structure)
+    if tokens is not None:
+        ppl.update(_perplexities({"pruned": pruned} if ppl else {"dense": model, "pruned": pruned}, tokens, job))
+    metadata = {
+        "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
+                   "target_resource": result.target_resource, "uniform": config.uniform},
+        "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
+                   "calibration": str(job.calib), "seq_len": job.seq_len, "num_samples": job.num_samples,
+                   "config": config.settings()},
+        "base_model": base_model_reference(job.model),
+        "command": command_line("prune", job, PRUNE_FLAGS),
+    }
+    if ppl:
+        metadata["perplexity"] = ppl
+    log = "".join(json.dumps(h) + "\n" for h in result.history)
+    exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
+                      overwrite=job.overwrite or job.resume, metadata=metadata, pruned=pruned,
+                      extra_files={"dms_search_log.jsonl": log})
+    Path(config.checkpoint_path).unlink(missing_ok=True)
+    info = load_structure_file(out)
+    url = _push(out, job) if job.push_to_hub else None
+    return PruneRun(out, result, exported, ppl or None, info, time.perf_counter() - t0, url)
+
+
+def _push(out: Path, job) -> str:
+    from .hub import push
+
+    url = push(out, job.push_to_hub, private=job.private)
+    logger.info("uploaded %s to %s", out, url)
+    return url
+
+
+def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun | None:
+    """Run the whole ``dms-llm finetune`` job: distil the dense model into the export ``job.model`` and write the
+    result like an export (same format, its record plus a ``recovery`` entry). The input export is never changed."""
+    t0 = time.perf_counter()
+    config = job.config
+    if job.no_teacher:  # the LM loss alone
+        config = dataclasses.replace(config, kl_weight=0.0, lm_loss_weight=config.lm_loss_weight or 1.0)
+    check_budget(config.tokens, job.seq_len)
+    _needs_peft(config.lora, "lora")
+    _, _, source_dir = resolve_source(job.model)
+    if source_dir is None:
+        raise ModelLoadError(f"{job.model} is not a local folder; download the export first "
+                             f"(hf download {job.model} --local-dir DIR) and finetune DIR")
+    info = load_structure_file(source_dir)  # fails early on a folder that is not a dms-llm export
+    out = check_output_dir(job.out, source_dir, job.overwrite or job.resume)
+    teacher_name = None if job.no_teacher else (job.teacher or info.get("base_model"))
+    if not job.no_teacher and not teacher_name:
+        raise DMSError(f"{source_dir} does not record its base model: give `teacher` or set `no_teacher=True`")
+    config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "recovery")), resume=job.resume)
+    torch.manual_seed(config.seed)
+    device = default_device(job.device)
+    model, tokenizer, _ = load_model(job.model, dtype=job.dtype, device=device, device_map=job.device_map,
+                                     trust_remote_code=job.trust_remote_code, check_supported=False)
+    teacher = None
+    if teacher_name:
+        teacher, _, teacher_dir = load_model(teacher_name, dtype=job.dtype, device=device, device_map=job.device_map,
+                                             trust_remote_code=job.trust_remote_code, check_supported=False)
+        check_output_dir(job.out, teacher_dir, True)  # never write into the teacher's folder either
+        check_teacher(model, teacher)  # before any data is read
+    wanted = math.ceil(config.tokens / job.seq_len)
+    windows = calibration_windows(tokenizer, job.calib, job.seq_len, wanted, seed=config.seed, allow_fewer=True)
+    if len(windows) < wanted:
+        logger.info("%s holds %d windows of %d tokens: the %d-token budget reuses them for %.1f epochs", job.calib,
+                    len(windows), job.seq_len, config.tokens, config.tokens / (len(windows) * job.seq_len))
+    tokens = _evaluation_tokens(tokenizer, job)
+    ppl = _perplexities({"pruned": model}, tokens, job) if tokens is not None else {}
+    result = finetune(model, windows, config, teacher=teacher, progress=progress)
+    if not _is_main_process():
+        return None
+    if tokens is not None:
+        ppl.update(_perplexities({"recovered": model}, tokens, job))
+    recovery = {
+        "teacher": teacher_name, "calibration": str(job.calib), "tokens": config.tokens,
+        "tokens_seen": result.tokens_seen, "steps": result.steps_run, "seq_len": job.seq_len, "lora": config.lora,
+        "seconds": round(result.seconds, 2), "config": {k: v for k, v in result.config.items()
+                                                         if k not in ("checkpoint_path", "resume", "checkpoint_every")},
+        "command": command_line("finetune", job, FINETUNE_FLAGS),
+    }
+    log = "".join(json.dumps(h) + "\n" for h in result.history)
+    save_recovered(model, out, source_dir, tokenizer=tokenizer, recovery=recovery,
+                   overwrite=job.overwrite or job.resume, perplexity=ppl or None,
+                   extra_files={"dms_recovery_log.jsonl": log})
+    Path(config.checkpoint_path).unlink(missing_ok=True)
+    url = _push(out, job) if job.push_to_hub else None
+    return FinetuneRun(out, result, teacher_name, ppl or None, time.perf_counter() - t0, url)
+
+
+__all__ = ["FinetuneJob", "FinetuneRun", "PruneJob", "PruneRun", "command_line", "finetune_checkpoint",
+           "prune_checkpoint"]

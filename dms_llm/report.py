@@ -1,0 +1,69 @@
+"""How results read on a console: the tables ``dms-llm`` prints after a prune, a recovery and an evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown_table(head, rows) -> str:
+    """A Markdown table with aligned columns."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(row) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
+
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _ppl_row(before: dict, after: dict) -> tuple:
+    label = f"perplexity ({Path(before['data']).name}, {after['windows']}x{after['seq_len']} tokens)"
+    return label, f"{before['ppl']:.3f}", f"{after['ppl']:.3f}", f"{after['ppl'] / before['ppl']:.3f}"
+
+
+def prune_report(run, model: str) -> str:
+    """What :func:`dms_llm.pipeline.prune_checkpoint` did: structure, sizes, perplexity, times."""
+    info, search = run.info, run.search
+    dp, pp, dm, pm = info["params_before"], info["params_after"], info["macs_2048_before"], info["macs_2048_after"]
+    rows = [("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}"),
+            ("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}")]
+    if run.perplexity:
+        rows.append(_ppl_row(run.perplexity["dense"], run.perplexity["pruned"]))
+    rows.append(("search time", "", f"{search.search_seconds:.1f} s ({search.steps_run} steps)", ""))
+    rows.append(("total time", "", f"{run.seconds:.1f} s", ""))
+    kind = "uniform, stock config" if run.export.uniform else "per-layer, trust_remote_code"
+    return "\n".join([f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),
+                      markdown_table(("", "dense", "pruned", "pruned/dense"), rows)])
+
+
+def finetune_report(run, model: str) -> str:
+    """What :func:`dms_llm.pipeline.finetune_checkpoint` did."""
+    r = run.result
+    lines = [f"recovery of {model} -> {run.out}: {r.steps_run} steps, {r.tokens_seen:,} tokens, {r.seconds:.1f} s "
+             f"({'LoRA, merged' if r.config.get('lora') else 'all weights'}; teacher {run.teacher or 'none'})"]
+    if run.perplexity:
+        lines.append(markdown_table(("", "before", "after", "after/before"),
+                                    [_ppl_row(run.perplexity["pruned"], run.perplexity["recovered"]),
+                                     ("total time", "", f"{run.seconds:.1f} s", "")]))
+    return "\n".join(lines)
+
+
+def evaluation_report(results: dict) -> str:
+    """Perplexity lines, the zero-shot table and the speed line of :func:`dms_llm.evaluate`'s results."""
+    lines = []
+    for data, r in results.get("perplexity", {}).items():
+        lines.append(f"perplexity {r['ppl']:.3f} on {data}: {r['windows']} of {r['total_windows']} windows of "
+                     f"{r['seq_len']} tokens ({r['tokens']} predicted tokens, {r['seconds']:.1f} s)")
+    if results.get("zero_shot"):
+        rows = [(t, r["metric"], f"{100 * r['value']:.2f}",
+                 f"{100 * r['stderr']:.2f}" if r["stderr"] is not None else "n/a", str(r["n"]))
+                for t, r in results["zero_shot"].items()]
+        lines.append(markdown_table(("task", "metric", "value (%)", "stderr (%)", "n"), rows))
+    if results.get("speed"):
+        sp = results["speed"]
+        lines.append(f"speed on {sp['device']}: prefill {sp['prefill_tokens_per_s']:.0f} tok/s (batch "
+                     f"{sp['batch_size']} x {sp['prompt_len']}), decode {sp['decode_tokens_per_s']:.1f} tok/s "
+                     f"({sp['new_tokens']} tokens), weights {sp['weight_bytes'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluation_report", "finetune_report", "markdown_table", "prune_report"]

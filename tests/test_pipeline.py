@@ -1,0 +1,116 @@
+"""The whole job as one library call: the command line and the Python entry point write the same folder, the
+record holds a command line that runs the same job again, and errors speak in flags on the command line."""
+
+import dataclasses
+import json
+import shlex
+import shutil
+
+import pytest
+
+from dms_llm import cli
+from dms_llm.pipeline import FinetuneJob, PruneJob, finetune_checkpoint, prune_checkpoint
+from dms_llm.recovery import FinetuneConfig
+from dms_llm.search import PruneConfig
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def _snapshot(folder):
+    """Every file of a folder; JSON and JSONL parsed, with wall-clock times left out."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            files[path.name] = _without_times(json.loads(path.read_text()))
+        elif path.suffix == ".jsonl":
+            files[path.name] = [_without_times(json.loads(line)) for line in path.read_text().splitlines()]
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def _prune_args(dense_folder, text_file, out):
+    return ["prune", str(dense_folder), "--keep", "0.7", "--steps", "3", "--seq-len", "32", "--num-samples", "4",
+            "--calib", str(text_file), "--eval-data", str(text_file), "--eval-seq-len", "64", "--eval-windows", "2",
+            "--out", str(out), "--quiet"]
+
+
+def test_cli_and_python_entry_point_write_the_same_folder(dense_folder, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(_prune_args(dense_folder, text_file, out)) == 0
+    from_cli = _snapshot(out)
+    shutil.rmtree(out)
+    job = PruneJob(str(dense_folder), str(out), PruneConfig(keep=0.7, steps=3), calib=str(text_file), seq_len=32,
+                   num_samples=4, eval_data=str(text_file), eval_seq_len=64, eval_windows=2)
+    run = prune_checkpoint(job, progress=False)
+    from_api = _snapshot(out)
+    assert sorted(from_api) == sorted(from_cli)
+    assert {"model.safetensors", "config.json", "dms_structure.json", "dms_structure.png", "README.md",
+            "dms_search_log.jsonl", "modeling_dms_llama.py"} <= set(from_api)
+    for name in from_api:
+        assert from_api[name] == from_cli[name], name
+    info = run.info
+    assert info["perplexity"]["pruned"]["windows"] == 2 and info["params_after"] <= 0.7 * info["params_before"]
+    assert not list(tmp_path.glob(".*"))  # the search state and temporary folders are gone
+
+
+def test_recorded_command_runs_the_same_job(dense_folder, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(_prune_args(dense_folder, text_file, out)) == 0
+    command = json.loads((out / "dms_structure.json").read_text())["command"]
+    assert command.startswith(f"dms-llm prune {dense_folder} --out {out}")
+    recorded = cli.build_parser().parse_args(shlex.split(command)[1:])
+    given = cli.build_parser().parse_args(_prune_args(dense_folder, text_file, out))
+    assert {k: v for k, v in vars(recorded).items() if k != "quiet"} == \
+        {k: v for k, v in vars(given).items() if k != "quiet"}
+
+
+def test_parser_defaults_are_the_library_defaults():
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for verb, job_cls, config in (("prune", PruneJob, PruneConfig(keep=0.5)), ("finetune", FinetuneJob,
+                                                                              FinetuneConfig())):
+        flags = {a.dest: a.default for a in sub[verb]._actions}
+        settings = {f.name: f.default for f in dataclasses.fields(job_cls) if f.default is not dataclasses.MISSING}
+        settings.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        shared = set(flags) & set(settings) - {"keep", "eval_data"}
+        assert shared and all(flags[n] == settings[n] for n in shared), \
+            {n: (flags[n], settings[n]) for n in shared if flags[n] != settings[n]}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keep", "1.5"], "--keep must be a fraction strictly between 0 and 1"),
+    (["--keep", "0.7", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_cli_errors_name_flags(dense_folder, tmp_path, capsys, extra, message):
+    assert cli.main(["prune", str(dense_folder), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_in_flags_and_parameters(dense_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    assert cli.main(_prune_args(dense_folder, text_file, out)) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    from dms_llm.folder import ExportError
+
+    with pytest.raises(ExportError, match="pass `overwrite=True` to replace it"):
+        prune_checkpoint(PruneJob(str(dense_folder), str(out), PruneConfig(keep=0.7)))
+    assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_finetune_job_without_a_recorded_base_model_needs_a_teacher(pruned_folder, tmp_path):
+    info = json.loads((pruned_folder / "dms_structure.json").read_text())
+    del info["base_model"]
+    (pruned_folder / "dms_structure.json").write_text(json.dumps(info))
+    from dms_llm.errors import DMSError
+
+    with pytest.raises(DMSError, match="`teacher`"):
+        finetune_checkpoint(FinetuneJob(str(pruned_folder), str(tmp_path / "r")))
