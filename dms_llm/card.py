@@ -103,6 +103,11 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         rank = search_config.get("lora_rank")
         lines += [f"Joint search: LoRA adapters (rank {rank}) were trained together with the structure by "
                   f"distillation from the dense model and merged into the kept weights before slicing.", ""]
+    elif info.get("reconstruction"):
+        r = info["reconstruction"]
+        lines += [f"No gradient training: the structure was searched with frozen weights; then the output projections "
+                  f"of the kept blocks (`o_proj`, `down_proj`) were refit by least squares on {r['tokens']:,} "
+                  f"calibration tokens so each block reproduces the dense block (dms-llm's reconstruction).", ""]
     else:
         lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights "
                   "were sliced from the original model.", ""]

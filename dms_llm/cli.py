@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint mode: train LoRA adapters (peft) together with the structure, merge them, export")
     p.add_argument("--joint-lr", type=float, default=1e-4, help="with --joint: learning rate of the LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=16, help="with --joint: LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="export the sliced weights as they are (no least-squares repair of the output projections)")
+    p.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
+    p.add_argument("--recon-ridge", type=float, default=1e-2, help="relative ridge term of the reconstruction")
     _add_run_args(p, "search")
 
     f = sub.add_parser("finetune", formatter_class=DEFAULTS,

@@ -61,9 +61,10 @@ def _slice_layer(state: dict, layer_structure, shape: ModelShape) -> dict:
     return out
 
 
-def pruned_config(model: nn.Module, structure: Structure):
+def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = False):
     """The config of the pruned model: the source's config class when the structure is uniform, else
-    ``DMSLlamaConfig`` with per-layer widths."""
+    ``DMSLlamaConfig`` with per-layer widths (and, with ``output_bias``, a bias on every kept ``o_proj`` and
+    ``down_proj``; stock configs have no such option, so a uniform structure never gets one)."""
     shape = ModelShape.from_model(model)
     kept = structure.kept_layers()
     base = {k: v for k, v in model.config.to_dict().items() if k not in DROP_CONFIG_KEYS}
@@ -91,16 +92,20 @@ def pruned_config(model: nn.Module, structure: Structure):
     base.update(
         layer_num_key_value_heads=[len(structure.layers[i].kv_heads) for i in kept],
         layer_intermediate_sizes=[len(structure.layers[i].channels) for i in kept],
+        output_bias=output_bias,
     )
     return DMSLlamaConfig(**base)
 
 
-def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None) -> nn.Module:
+def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None,
+                       output_bias: bool = False) -> nn.Module:
     """A new, smaller model holding sliced copies of ``model``'s weights; ``model`` is not changed. Its logits are
-    checked against ``model`` hard-masked to ``structure`` (max abs diff <= ``atol``, by default 1e-3 in fp32)."""
+    checked against ``model`` hard-masked to ``structure`` (max abs diff <= ``atol``, by default 1e-3 in fp32).
+    ``output_bias`` (per-layer structures only) adds zero output biases for the reconstruction to fit."""
     shape = ModelShape.from_model(model)
     structure.validate(shape)
-    config = pruned_config(model, structure)
+    output_bias = output_bias and not structure.is_uniform()
+    config = pruned_config(model, structure, output_bias)
     if structure.is_uniform():
         model_cls = type(model)
     else:
@@ -113,6 +118,12 @@ def build_pruned_model(model: nn.Module, structure: Structure, atol: float | Non
     for key, value in model.state_dict().items():
         if not key.startswith("model.layers."):
             state[key] = value.clone()
+    if output_bias:  # zero biases: the sliced model still computes what the masked one does
+        for new_idx, old_idx in enumerate(structure.kept_layers()):
+            layer = structure.layers[old_idx]
+            for kept, name in ((layer.kv_heads, "self_attn.o_proj"), (layer.channels, "mlp.down_proj")):
+                if kept:
+                    state.setdefault(f"model.layers.{new_idx}.{name}.bias", torch.zeros(shape.hidden_size))
     with torch.device("meta"):
         new = model_cls(config)
     missing, unexpected = new.load_state_dict(state, strict=False, assign=True)

@@ -3,9 +3,10 @@
     run = prune_checkpoint(PruneJob("smollm2-135m", "smollm2-dms", PruneConfig(keep=0.8)))
     run = finetune_checkpoint(FinetuneJob("smollm2-dms", "smollm2-dms-ft", FinetuneConfig(tokens=200_000)))
 
-``prune_checkpoint``: load -> calibration windows -> DMS search -> slice -> perplexity before/after -> write the
-folder (temporary folder, reload and logit check, rename) with its record, card, plot and search log -> remove the
-search state -> optionally push. ``finetune_checkpoint`` does the same for recovery. The command line
+``prune_checkpoint``: load -> calibration windows -> DMS search -> slice -> reconstruction (least-squares repair of
+the kept output projections, docs/DESIGN.md §6) -> perplexity before/after -> write the folder (temporary folder,
+reload and logit check, rename) with its record, card, plot and search log -> remove the search state -> optionally
+push. ``finetune_checkpoint`` does the same for recovery. The command line
 only parses its flags into these jobs and prints the result, so both write the same folder; the record holds the
 equivalent ``dms-llm`` command line of the job (:func:`command_line`).
 """
@@ -30,6 +31,7 @@ from .evaluation import perplexity
 from .exporter import ExportResult, build_pruned_model, export
 from .folder import check_output_dir, load_structure_file, save_recovered, state_path
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
+from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
 from .search import PruneConfig, PruneResult, prune
 
@@ -39,7 +41,8 @@ logger = logging.getLogger("dms_llm")
 class PruneJob:
     """What ``dms-llm prune`` does, as settings: the model, the output folder, the search, the data.
 
-    ``eval_data=None`` skips the perplexity evaluation (``--no-eval``)."""
+    ``eval_data=None`` skips the perplexity evaluation (``--no-eval``); ``reconstruct=False`` exports the sliced
+    weights as they are (``--no-reconstruct``)."""
 
     model: str  # Hub id, local folder, .gguf file or the embedded default "smollm2-135m"
     out: str
@@ -47,6 +50,9 @@ class PruneJob:
     calib: str = "pydoc"
     seq_len: int = 256
     num_samples: int = 64
+    reconstruct: bool = True
+    recon_samples: int = 32  # calibration windows the reconstruction reads
+    recon_ridge: float = 1e-2
     eval_data: str | None = "pydoc-heldout"
     eval_seq_len: int | None = None
     eval_windows: int | None = None
@@ -92,6 +98,7 @@ class PruneRun:
     out: Path
     search: PruneResult
     export: ExportResult
+    reconstruction: dict | None  # what the repair did (None when it was off)
     perplexity: dict | None  # {"dense": {...}, "pruned": {...}} or None without evaluation
     info: dict  # the contents of dms_structure.json
     seconds: float
@@ -175,6 +182,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     t0 = time.perf_counter()
     config = job.config
     _needs_peft(config.joint, "joint")
+    recon = ReconstructConfig(samples=job.recon_samples, ridge=job.recon_ridge) if job.reconstruct else None
     out = check_output_dir(job.out, resolve_source(job.model)[2], job.overwrite or job.resume)
     config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "search")), resume=job.resume)
     torch.manual_seed(config.seed)
@@ -196,6 +204,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     if config.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
         model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
     pruned = build_pruned_model(model, result.structure)
+    repair = reconstruct(pruned, model, result.structure, calib, recon, progress=progress) if recon else None
     if tokens is not None:
         ppl.update(_perplexities({"pruned": pruned} if ppl else {"dense": model, "pruned": pruned}, tokens, job))
     metadata = {
@@ -207,6 +216,14 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         "base_model": base_model_reference(job.model),
         "command": command_line("prune", job, PRUNE_FLAGS),
     }
+    if repair is not None:
+        blocks = repair["blocks"]
+        metadata["reconstruction"] = {
+            "samples": recon.samples, "ridge": recon.ridge, "tokens": repair["tokens"],
+            "seconds": round(repair["seconds"], 2), "blocks_refit": len(blocks),
+            "mean_error_before": sum(b["error_before"] for b in blocks) / max(len(blocks), 1),
+            "mean_error_after": sum(b["error_after"] for b in blocks) / max(len(blocks), 1),
+        }
     if ppl:
         metadata["perplexity"] = ppl
     log = "".join(json.dumps(h) + "\n" for h in result.history)
@@ -216,7 +233,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     Path(config.checkpoint_path).unlink(missing_ok=True)
     info = load_structure_file(out)
     url = _push(out, job) if job.push_to_hub else None
-    return PruneRun(out, result, exported, ppl or None, info, time.perf_counter() - t0, url)
+    return PruneRun(out, result, exported, repair, ppl or None, info, time.perf_counter() - t0, url)
 
 
 def _push(out: Path, job) -> str:

@@ -29,6 +29,8 @@ def prune_report(run, model: str) -> str:
     if run.perplexity:
         rows.append(_ppl_row(run.perplexity["dense"], run.perplexity["pruned"]))
     rows.append(("search time", "", f"{search.search_seconds:.1f} s ({search.steps_run} steps)", ""))
+    if run.reconstruction:
+        rows.append(("reconstruction time", "", f"{run.reconstruction['seconds']:.1f} s", ""))
     rows.append(("total time", "", f"{run.seconds:.1f} s", ""))
     kind = "uniform, stock config" if run.export.uniform else "per-layer, trust_remote_code"
     return "\n".join([f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),

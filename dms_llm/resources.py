@@ -23,6 +23,7 @@ class ResourceModel:
     shape: ModelShape
     kind: str = "params"
     seq_len: int = 2048
+    output_bias: bool = False  # every kept block's o_proj / down_proj has a bias (reconstructed per-layer exports)
 
     def __post_init__(self):
         if self.kind not in ("params", "macs"):
@@ -38,10 +39,10 @@ class ResourceModel:
             return {
                 "fixed": s.vocab_size * H * (1 if s.tie_word_embeddings else 2) + H,
                 "attn_fixed": H
-                + (H if s.attention_bias and s.model_type != "qwen2" else 0)  # o_proj bias
+                + (H if (s.attention_bias and s.model_type != "qwen2") or self.output_bias else 0)  # o_proj bias
                 + (2 * d if s.model_type == "qwen3" else 0),  # Qwen3's q_norm / k_norm
                 "per_group": per_group_w + ((r + 2) * d if s.attention_bias else 0),
-                "mlp_fixed": H + (H if s.mlp_bias else 0),
+                "mlp_fixed": H + (H if s.mlp_bias or self.output_bias else 0),
                 "per_channel": per_channel_w + (2 if s.mlp_bias else 0),
                 "per_group_attention": 0.0,
             }

@@ -14,12 +14,15 @@ class DMSLlamaConfig(LlamaConfig):
     layer_num_key_value_heads: KV heads of each layer (0 = the layer has no attention block); every KV head
         keeps ``num_attention_heads // num_key_value_heads`` query heads, so GQA stays valid.
     layer_intermediate_sizes: MLP width of each layer (0 = the layer has no MLP block).
+    output_bias: every kept attention block's ``o_proj`` and MLP block's ``down_proj`` has a bias (written by
+        dms-llm's reconstruction, which compensates what pruning removed).
     """
 
     model_type = "dms_llama"
 
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
+    output_bias: bool = False
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers

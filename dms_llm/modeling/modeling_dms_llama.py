@@ -35,12 +35,16 @@ class DMSLlamaAttention(LlamaAttention):
             _with(config, num_attention_heads=num_kv_heads * group, num_key_value_heads=num_kv_heads), layer_idx
         )
         self.config = config  # share the model's config (attention implementation switches apply here too)
+        if config.output_bias:
+            self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features, bias=True)
 
 
 class DMSLlamaMLP(LlamaMLP):
     def __init__(self, config: DMSLlamaConfig, intermediate_size: int):
         super().__init__(_with(config, intermediate_size=intermediate_size))
         self.config = config
+        if config.output_bias:
+            self.down_proj = nn.Linear(self.down_proj.in_features, self.down_proj.out_features, bias=True)
 
 
 class DMSLlamaDecoderLayer(GradientCheckpointingLayer):

@@ -1,0 +1,77 @@
+"""Run a Llama-family model one decoder layer (or one block) at a time over calibration windows.
+
+The reconstruction and the layer-wise peers (Wanda-sp, SLEB) need the residual stream between blocks, not only the
+logits: :class:`LayerRunner` holds the rotary embeddings and the causal mask once and applies a layer's attention
+block, MLP block or the final norm and LM head to a stream kept in fp32 (the blocks run in the model's dtype).
+A block that a per-layer export removed (``None``) adds nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .structure import decoder_layers
+
+
+class LayerRunner:
+    """Block-by-block forward passes of ``model`` over ``windows`` ((num_samples, seq_len) token ids), in batches of
+    ``batch_size`` windows."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+        from transformers.masking_utils import create_causal_mask
+
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.dtype = next(model.parameters()).dtype
+        self.device = model.get_input_embeddings().weight.device
+        self.batches = [windows[i: i + batch_size].to(self.device) for i in range(0, len(windows), batch_size)]
+        one = model.get_input_embeddings()(self.batches[0][:1])  # rotary and mask broadcast over the batch
+        positions = torch.arange(one.shape[1], device=self.device)[None]
+        self.rotary = model.model.rotary_emb(one, position_ids=positions)
+        self.mask = create_causal_mask(config=model.config, inputs_embeds=one, attention_mask=None, cache=None,
+                                       position_ids=positions)
+
+    def embed(self) -> list[torch.Tensor]:
+        """The residual stream entering the first layer, one fp32 tensor per batch."""
+        return [self.model.get_input_embeddings()(ids).float() for ids in self.batches]
+
+    def attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the attention block of ``layer`` adds to the stream ``hidden`` (zeros when it was removed)."""
+        if layer.self_attn is None:
+            return torch.zeros_like(hidden)
+        x = layer.input_layernorm(hidden.to(self.dtype))
+        out = layer.self_attn(hidden_states=x, position_embeddings=self.rotary, attention_mask=self.mask)
+        return (out[0] if isinstance(out, tuple) else out).float()
+
+    def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the MLP block of ``layer`` adds to the stream ``hidden`` (zeros when it was removed)."""
+        if layer.mlp is None:
+            return torch.zeros_like(hidden)
+        return layer.mlp(layer.post_attention_layernorm(hidden.to(self.dtype))).float()
+
+    def layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The stream after the whole decoder layer."""
+        hidden = hidden + self.attention(layer, hidden)
+        return hidden + self.mlp(layer, hidden)
+
+    def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood of the final stream, and the number of predicted tokens."""
+        logits = self.model.lm_head(self.model.model.norm(hidden.to(self.dtype))).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        return float(loss), ids[:, 1:].numel()
+
+
+def inputs_of(module: nn.Module, run) -> torch.Tensor:
+    """The first input ``module`` receives while ``run()`` executes."""
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+__all__ = ["LayerRunner", "inputs_of"]

@@ -1,0 +1,133 @@
+"""Reconstruction: least-squares repair of the kept output projections, layer by layer, on tiny random Llamas."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from dms_llm.exporter import build_pruned_model, export
+from dms_llm.reconstruct import ReconstructConfig, ReconstructionError, reconstruct
+from dms_llm.resources import ResourceModel, count_parameters
+from dms_llm.structure import ModelShape, Structure
+from dms_llm.training import kl_divergence
+
+from .conftest import per_layer_structure
+
+
+def _gap(pruned, dense, ids):
+    with torch.no_grad():
+        return kl_divergence(pruned(input_ids=ids).logits, dense(input_ids=ids).logits).item()
+
+
+@pytest.fixture
+def windows():
+    return torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+
+
+def test_repair_lowers_every_block_error_and_the_gap_to_the_dense_model(gqa_model, windows):
+    structure = Structure.dense(ModelShape.from_model(gqa_model))  # narrower blocks everywhere, none removed
+    structure.layers[0].channels = structure.layers[0].channels[:48]
+    structure.layers[1].kv_heads = [1]
+    structure.layers[2].channels = structure.layers[2].channels[::3]
+    structure.layers[3].kv_heads, structure.layers[3].channels = [0], structure.layers[3].channels[24:]
+    pruned = build_pruned_model(gqa_model, structure)
+    before = _gap(pruned, gqa_model, windows)
+    report = reconstruct(pruned, gqa_model, structure, windows, ReconstructConfig(samples=None), progress=False)
+    assert report["tokens"] == windows.numel() and len(report["blocks"]) == 8
+    assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
+    assert _gap(pruned, gqa_model, windows) < 0.7 * before
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())
+
+
+def test_removed_blocks_are_skipped(gqa_model, windows):
+    structure = per_layer_structure(gqa_model)  # layer 2 lost its attention block, layer 3 its MLP
+    report = reconstruct(build_pruned_model(gqa_model, structure), gqa_model, structure, windows, progress=False)
+    refit = {(r["layer"], r["block"]) for r in report["blocks"]}
+    assert refit == {(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp"), (2, "mlp"), (3, "attention")}
+
+
+def test_nothing_to_repair_leaves_the_weights_as_they_are(gqa_model, windows):
+    structure = Structure.dense(ModelShape.from_model(gqa_model))
+    pruned = build_pruned_model(gqa_model, structure)
+    with torch.no_grad():
+        expected = gqa_model(input_ids=windows[:2]).logits
+    report = reconstruct(pruned, gqa_model, structure, windows, progress=False)
+    assert max(r["error_after"] for r in report["blocks"]) < 1e-6
+    with torch.no_grad():
+        assert (pruned(input_ids=windows[:2]).logits - expected).abs().max() < 1e-3
+
+
+def test_only_the_output_projections_change(gqa_model, windows):
+    structure = per_layer_structure(gqa_model)
+    pruned = build_pruned_model(gqa_model, structure)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    reconstruct(pruned, gqa_model, structure, windows, progress=False)
+    changed = {k for k, v in pruned.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed)
+
+
+def test_existing_output_biases_are_refit(gqa_model, windows):
+    """Per-layer models with output biases (e.g. FLAP's compensation) get their biases refit with the weights."""
+    structure = per_layer_structure(gqa_model)
+    pruned = build_pruned_model(gqa_model, structure, output_bias=True)
+    reconstruct(pruned, gqa_model, structure, windows, progress=False)
+    assert pruned.model.layers[0].mlp.down_proj.bias.abs().max() > 0
+    no_bias = build_pruned_model(gqa_model, structure, output_bias=True)
+    reconstruct(no_bias, gqa_model, structure, windows, ReconstructConfig(bias=False), progress=False)
+    assert no_bias.model.layers[0].mlp.down_proj.bias.abs().max() == 0
+
+
+def test_repaired_export_reloads_with_the_same_logits(gqa_model, windows, tmp_path):
+    structure = per_layer_structure(gqa_model)
+    pruned = build_pruned_model(gqa_model, structure)
+    reconstruct(pruned, gqa_model, structure, windows, progress=False)
+    result = export(gqa_model, structure, tmp_path / "out", pruned=pruned)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    with torch.no_grad():
+        assert (reloaded(input_ids=windows[:2]).logits - pruned(input_ids=windows[:2]).logits).abs().max() <= 1e-4
+    shape = ModelShape.from_model(gqa_model)
+    assert result.params == count_parameters(reloaded) == ResourceModel(shape).of_structure(structure)
+
+
+def test_uniform_structure_is_refit_without_a_bias_and_stays_stock(gqa_model, windows, tmp_path):
+    shape = ModelShape.from_model(gqa_model)
+    structure = Structure.dense(shape)
+    for layer in structure.layers:
+        layer.kv_heads, layer.channels = [0], layer.channels[:48]
+    pruned = build_pruned_model(gqa_model, structure, output_bias=True)  # no bias: a stock config has none
+    before = _gap(pruned, gqa_model, windows)
+    reconstruct(pruned, gqa_model, structure, windows, progress=False)
+    assert _gap(pruned, gqa_model, windows) < before
+    export(gqa_model, structure, tmp_path / "u", pruned=pruned)
+    assert type(LlamaForCausalLM.from_pretrained(tmp_path / "u")) is LlamaForCausalLM
+
+
+def test_too_few_tokens_and_dead_channels_are_kept_well_posed(gqa_model, caplog):
+    structure = per_layer_structure(gqa_model)
+    with torch.no_grad():
+        gqa_model.model.layers[0].mlp.gate_proj.weight[:10] = 0  # channels that are never active: a singular Gram
+    pruned = build_pruned_model(gqa_model, structure)
+    few = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))  # 8 tokens for 96 features
+    with caplog.at_level(logging.WARNING, logger="dms_llm"):
+        reconstruct(pruned, gqa_model, structure, few, progress=False)
+    assert "8 calibration tokens for" in caplog.text and "ridge" in caplog.text
+    assert all(torch.isfinite(p).all() for p in pruned.parameters())
+
+
+def test_non_finite_statistics_stop_with_the_block_named(gqa_model, windows):
+    structure = per_layer_structure(gqa_model)
+    pruned = build_pruned_model(gqa_model, structure)
+    with torch.no_grad():
+        gqa_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ReconstructionError, match="layer 1 mlp: the calibration statistics are not finite"):
+        reconstruct(pruned, gqa_model, structure, windows, progress=False)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(samples=0), "samples"), (dict(ridge=0.0), "ridge"),
+                                          (dict(batch_size=0), "batch_size")])
+def test_bad_settings_are_refused(bad, message):
+    from dms_llm.errors import DMSError
+
+    with pytest.raises(DMSError, match=message):
+        ReconstructConfig(**bad)
