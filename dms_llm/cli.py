@@ -1,11 +1,10 @@
-"""Command line: parse the flags into a job, run it with :mod:`dms_llm.pipeline`, print what it did.
-
-``dms-llm prune`` (search, export, perplexity before/after), ``dms-llm finetune`` (recovery by distillation),
-``dms-llm push`` (publish an export), ``dms-llm eval`` (perplexity, zero-shot accuracy, speed)."""
+"""Command line: parse the flags into a job (flag names = its field names), run it with :mod:`dms_llm.pipeline`,
+print what it did: ``prune``, ``finetune``, ``push``, ``eval``, ``tasks``, ``cache``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -13,10 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import as_flags
+from .errors import FlagFormatter, as_flags
 from .report import evaluation_report, finetune_report, prune_report
 
-logger = logging.getLogger("dms_llm")
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
@@ -36,7 +34,11 @@ def _add_eval_args(p: argparse.ArgumentParser, default_data: str | None) -> None
     p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (default: all)")
 
 
-def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
+def _add_run_args(p: argparse.ArgumentParser, what: str, seq_len: int, batch_size: int) -> None:
+    p.add_argument("--calib", default="pydoc",
+                   help="calibration / training text: pydoc (built in), wikitext2, c4, a .txt/.jsonl file or a folder")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per calibration / training window")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--resume", action="store_true", help=f"continue an interrupted {what} of the same --out")
@@ -59,12 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=float, help="fraction of the model's parameters to keep (embeddings included)")
     budget.add_argument("--target-params", type=int, help="absolute parameter budget")
     p.add_argument("--out", required=True, help="output folder for the pruned checkpoint")
-    p.add_argument("--calib", default="pydoc",
-                   help="calibration data: pydoc (built in), wikitext2, c4, a .txt/.jsonl file or a folder")
     p.add_argument("--steps", type=int, default=200, help="maximum search steps")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows")
-    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--uniform", action="store_true",
                    help="equal widths per layer and whole-layer removal: saves a stock checkpoint")
     p.add_argument("--resource", default="params", choices=["params", "macs"], help="what the budget counts")
@@ -83,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the sliced weights as they are (no least-squares repair of the output projections)")
     p.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
     p.add_argument("--recon-ridge", type=float, default=1e-2, help="relative ridge term of the reconstruction")
-    _add_run_args(p, "search")
+    _add_run_args(p, "search", seq_len=256, batch_size=1)
 
     f = sub.add_parser("finetune", formatter_class=DEFAULTS,
                        help="recover a pruned export by distillation from the dense model (full or LoRA)")
@@ -91,17 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder for the recovered checkpoint")
     f.add_argument("--teacher", default=None, help="the dense model (default: the base model the export records)")
     f.add_argument("--no-teacher", action="store_true", help="no distillation: train on the LM loss only")
-    f.add_argument("--calib", default="pydoc", help="training text: pydoc, wikitext2, c4, a .txt/.jsonl file or folder")
     f.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (steps = tokens / batch)")
-    f.add_argument("--seq-len", type=int, default=512, help="training sequence length")
-    f.add_argument("--batch-size", type=int, default=4)
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with --lora, else 1e-4)")
     f.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them, not all weights")
     f.add_argument("--lora-rank", type=int, default=16)
     f.add_argument("--lora-alpha", type=int, default=32)
     f.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher || student)")
     f.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the LM loss (1 with --no-teacher)")
-    _add_run_args(f, "run")
+    _add_run_args(f, "run", seq_len=512, batch_size=4)
 
     u = sub.add_parser("push", formatter_class=DEFAULTS, help="upload an export to a Hub model repo",
                        description="Upload a dms-llm export (weights, config + code, tokenizer, structure, plot, logs, "
@@ -121,19 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks; 'default' = boolq,piqa,hellaswag,winogrande,arc_easy,"
                         "arc_challenge,openbookqa; 'dms_example' is a built-in offline task")
+    e.add_argument("--zeroshot-data", default=None,
+                   help="folder of local data for the seven stock tasks (<task>/<split>.jsonl.gz, the Hub datasets' "
+                        "fields); default $DMS_LLM_ZEROSHOT_DATA, else the Hub")
     e.add_argument("--include-path", default=None, help="folder of local lm-eval task YAML files (offline tasks)")
     e.add_argument("--limit", type=int, default=None, help="at most N examples per task")
-    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--batch-size", default="8", help="lm-eval batch size ('auto' on a GPU)")
     e.add_argument("--speed", action="store_true", help="measure prefill / decode throughput and memory")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
+    t = sub.add_parser("tasks", help="write lm-eval task files that read the seven stock tasks from local data")
+    t.add_argument("zeroshot_data", help="folder with <task>/<split>.jsonl.gz in the Hub datasets' layout")
+    t.add_argument("--out", required=True, help="folder for the task YAML files (pass it as lm_eval --include_path)")
+
+    c = sub.add_parser("cache", help="where converted GGUF models are cached; --clear deletes them")
+    c.add_argument("--clear", action="store_true", help="delete the cache (the next GGUF load converts again)")
     return parser
 
 
 def _from_args(cls, args, **given):
     """``cls`` (a job or config dataclass) from the flags named like its fields: the flags are its settings."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)} - set(given)
     return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **given)
 
@@ -171,9 +173,8 @@ def cmd_push(args) -> int:
 
     if args.dry_run:
         staged = stage(args.folder, args.repo, args.dry_run)
-        print(f"would upload to {args.repo} ({'private' if args.private else 'public'}) the files in {staged}:")
-        for name in sorted(p.name for p in staged.iterdir()):
-            print(f"  {name}")
+        names = "".join(f"\n  {p.name}" for p in sorted(staged.iterdir()))
+        print(f"would upload to {args.repo} ({'private' if args.private else 'public'}) the files in {staged}:{names}")
         return 0
     url = push(args.folder, args.repo, private=args.private, commit_message=args.message)
     print(f"uploaded {args.folder} to {url}")
@@ -181,29 +182,32 @@ def cmd_push(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate
-    from .loading import default_device, load_model
+    from .pipeline import EvalJob, evaluate_checkpoint
 
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=default_device(args.device),
-                                     trust_remote_code=args.trust_remote_code, check_supported=False,
-                                     device_map=args.device_map)
-    eval_data = args.eval_data or (None if (args.tasks or args.speed) else "wikitext2")
-    tasks = args.tasks.split(",") if args.tasks else None
-    out = evaluate(model, tokenizer, [eval_data] if eval_data else [], args.eval_seq_len, args.eval_windows,
-                   tasks=tasks, include_path=args.include_path, limit=args.limit, batch_size=args.batch_size,
-                   measure_speed=args.speed)
-    print(evaluation_report(out))
-    results: dict = {"model": args.model, **{k: v for k, v in out.items() if k != "perplexity"}}
-    for data, r in out["perplexity"].items():  # one source on the command line
+    results = evaluate_checkpoint(_from_args(EvalJob, args))
+    print(evaluation_report(results))
+    for data, r in results.pop("perplexity", {}).items():  # one source on the command line
         results["perplexity"] = {"data": data, **r}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
-class _FlagFormatter(logging.Formatter):
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return as_flags(super().formatMessage(record))
+def cmd_tasks(args) -> int:
+    from .zeroshot import DEFAULT_TASKS, write_local_tasks
+
+    out = write_local_tasks(args.zeroshot_data, args.out)
+    print(f"wrote {len(DEFAULT_TASKS)} task files to {out}; run lm-eval's stock tasks on this data with\n"
+          f"  lm_eval run --model hf --model_args pretrained=MODEL_DIR,trust_remote_code=True "
+          f"--tasks {','.join(DEFAULT_TASKS)} --include_path {out}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .loading import clear_cache, describe_cache
+
+    print(clear_cache() if args.clear else describe_cache())
+    return 0
 
 
 def _terminate(signum, frame):
@@ -214,17 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .errors import DMSError
+    from .training import reuse_freed_memory
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    root = logging.getLogger()
-    if not root.handlers:  # library messages name parameters; this handler shows them as flags
+    reuse_freed_memory()
+    if not logging.getLogger().handlers:  # library messages name parameters; this handler shows them as flags
         handler = logging.StreamHandler()
-        handler.setFormatter(_FlagFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    # a scheduler's SIGTERM saves the state like Ctrl-C
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+        handler.setFormatter(FlagFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                            handlers=[handler])
+    main_thread = threading.current_thread() is threading.main_thread()  # SIGTERM saves the state like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         with logging_redirect_tqdm():
             return COMMANDS[args.command](args)
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "push": cmd_push, "eval": cmd_eval}
+COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "push": cmd_push, "eval": cmd_eval, "tasks": cmd_tasks,
+            "cache": cmd_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

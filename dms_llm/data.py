@@ -187,6 +187,16 @@ def load_text(source: str | Path, split: str = "train", max_chars: int | None = 
     return text
 
 
+def check_source(source: str | Path) -> None:
+    """Stop early, before any model loads, on a data source that cannot work: a missing path, an unknown name, an
+    empty, binary, non-UTF-8 or malformed file. Reads at most the first 64K characters; never the network (a Hub
+    dataset name is accepted here and fetched when used)."""
+    src = str(source)
+    if src in BUILTIN or (not Path(src).exists() and dataset_of(src) is not None and not Path(src).suffix):
+        return
+    load_text(src, max_chars=65_536)
+
+
 def tokenize_text(tokenizer, text: str, chunk_chars: int = 1_000_000) -> torch.Tensor:
     """Token ids of ``text`` as one 1-D tensor, tokenized in chunks cut at paragraph boundaries."""
     pieces, start = [], 0

@@ -5,6 +5,7 @@ Messages name the Python parameter at fault in backticks (`` `keep` ``, `` `over
 
 from __future__ import annotations
 
+import logging
 import re
 
 # settings whose dms-llm flag is not simply --name-with-dashes
@@ -31,4 +32,11 @@ def as_flags(message: str) -> str:
     return _PARAMETER.sub(replace, message)
 
 
-__all__ = ["DMSError", "as_flags", "flag"]
+class FlagFormatter(logging.Formatter):
+    """A logging formatter for the command line: parameter names in messages appear as flags."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return as_flags(super().formatMessage(record))
+
+
+__all__ = ["DMSError", "FlagFormatter", "as_flags", "flag"]

@@ -29,10 +29,14 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     tokens: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Perplexity of ``model`` on ``data`` (a dataset name or path; or pre-tokenized ``tokens``).
+    """Perplexity of ``model`` on ``data`` (a dataset name or path; or pre-tokenized ``tokens``). ``progress``: a bar
+    over the windows with an estimate of the time left, on a terminal.
 
     Returns ``{"ppl", "nll", "windows", "seq_len", "tokens", "seconds"}``."""
+    from tqdm.auto import tqdm
+
     seq_len = seq_len or default_eval_seq_len(model)
     if tokens is None:
         tokens = evaluation_tokens(tokenizer, data)
@@ -45,7 +49,8 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll_sum, count, t0 = 0.0, 0, time.perf_counter()
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="window", unit_scale=batch_size,
+                  disable=None if progress else True, dynamic_ncols=True, leave=False):
         ids = windows[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
@@ -65,18 +70,19 @@ def perplexity(
 
 
 def evaluate(model, tokenizer, ppl_data=("wikitext2",), seq_len: int | None = None, max_windows: int | None = None,
-             tasks=None, include_path=None, limit: int | None = None, batch_size: int = 8,
-             measure_speed: bool = False) -> dict:
+             tasks=None, include_path=None, limit: int | None = None, batch_size: int | str = 8,
+             measure_speed: bool = False, zeroshot_data=None, task_manager=None) -> dict:
     """Evaluate an in-memory model: perplexity on every source in ``ppl_data`` (``{source: result}``), zero-shot
-    accuracy on lm-eval ``tasks`` (local YAML tasks from ``include_path``; ``batch_size`` requests at a time), and
-    prefill/decode speed if ``measure_speed``."""
+    accuracy on lm-eval ``tasks`` (local YAML tasks from ``include_path``; the stock tasks on local data from
+    ``zeroshot_data``; ``batch_size`` requests at a time, "auto" on a GPU), and prefill/decode speed if
+    ``measure_speed``."""
     results: dict = {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows)
                                     for d in ppl_data or ()}}
     if tasks:
         from .zeroshot import zero_shot
 
         results["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
-                                         limit=limit)
+                                         limit=limit, data_dir=zeroshot_data, manager=task_manager)
     if measure_speed:
         results["speed"] = speed(model)
     return results

@@ -55,6 +55,25 @@ def state_path(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-state.pt"
 
 
+def announce_saved_state(path: Path, kind: str, resume: bool) -> None:
+    """Say what happens to a saved state of an interrupted run: continued with ``resume``, otherwise replaced."""
+    if not path.exists():
+        if resume:
+            logger.warning("no saved %s state at %s: starting from the beginning", kind, path)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        where = f"after step {state['step']}"
+    except Exception:  # unreadable (e.g. written by another version): it will be replaced all the same
+        where = "unreadable"
+    if resume:
+        logger.warning("resuming the interrupted %s from its saved state (%s, %s)", kind, where, path)
+    else:
+        logger.warning("found the saved state of an interrupted %s of this output (%s, %s). This run starts over and "
+                       "replaces it when it saves its own; to continue the interrupted %s from there instead, stop "
+                       "now and run again with `resume=True`", kind, where, path, kind)
+
+
 def probe_ids(vocab_size: int, device) -> torch.Tensor:
     """Fixed random token ids on which a written checkpoint is compared with the model in memory."""
     g = torch.Generator().manual_seed(1234)

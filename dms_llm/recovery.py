@@ -102,8 +102,6 @@ def finetune(
     on ``windows`` ((num_samples, seq_len) token ids, reused in a new random order each epoch).
 
     With ``config.lora`` only LoRA adapters train and are merged into the weights before returning."""
-    from transformers import get_cosine_schedule_with_warmup
-
     check_windows(windows, model.config.vocab_size)
     check_budget(config.tokens, windows.shape[1])
     if config.batch_size > len(windows):
@@ -116,73 +114,84 @@ def finetune(
     hint = "Try a lower `lr`, `mixed_precision='no'`, or LoRA (`lora=True`)."
     t0 = time.perf_counter()
     with Trainer(model, config, "recovery", hint, teacher=teacher) as run:
-        global_batch = config.batch_size * run.world
-        steps = max(1, math.ceil(config.tokens / (global_batch * windows.shape[1])))
         run.place(model, teacher)
         trained = add_lora(model, config.lora_rank, config.lora_alpha) if config.lora else model
         if not config.lora:
             model.requires_grad_(True)
-        params = [p for p in trained.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-        # the schedule is not prepared: accelerate would step it once per process, but `steps` counts global batches
-        trained = run.prepare(optimizer, trained)
-        logger.info("recovery: %d steps of %d x %d tokens, %s trainable parameters (%s), lr %.1e", steps, global_batch,
-                    windows.shape[1], f"{sum(p.numel() for p in params):,}", "LoRA" if config.lora else "all weights",
-                    config.learning_rate())
-        unwrapped = run.accelerator.unwrap_model(trained)
-        history: list[dict] = []
-        state = run.resume_state()
-        if state is not None:
-            load_trainable_state(unwrapped, state["trainable"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = state["history"]
-
-        def distillation_loss(step: int):
-            """w_kl * KL(teacher || student) + w_lm * LM loss."""
-            ids = run.batch(windows, step, config.batch_size, config.seed + 7)
-            logits = trained(input_ids=ids, use_cache=False).logits
-            kl = torch.zeros((), device=logits.device)
-            if teacher is not None and config.kl_weight:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids.to(input_device(teacher)), use_cache=False).logits
-                kl = kl_divergence(logits, teacher_logits.to(logits.device))
-            lm = lm_loss(logits, ids)
-            return config.kl_weight * kl + config.lm_loss_weight * lm, {"kl": kl, "lm": lm}
-
-        def adamw_update(step: int, loss: torch.Tensor, parts: dict) -> dict:
-            grad_norm = run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            run.optimizer.step()
-            scheduler.step()
-            kl, lm = parts["kl"], parts["lm"]
-            if run.world > 1:  # log the global batch's losses, not this process's share
-                loss, kl, lm = (run.accelerator.reduce(t.detach(), reduction="mean") for t in (loss, kl, lm))
-            record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "lm": lm.item(),
-                      "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                      "tokens": (step + 1) * global_batch * windows.shape[1]}
-            if run.is_main:
-                logger.log(run.log_every(step), "step %d/%d loss %.4f kl %.4f lm %.4f grad %.3f lr %.2e", step + 1,
-                           steps, record["loss"], record["kl"], record["lm"], record["grad_norm"], record["lr"])
-            return record
-
-        def state_fn(step: int) -> dict:
-            return {"trainable": trainable_state(unwrapped), "optimizer": run.optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "history": history, "config": asdict(config)}
-
         completed = False
         try:
-            run.run(steps, history, distillation_loss, adamw_update, state_fn,
-                    postfix=lambda r: f"kl {r['kl']:.3f} lm {r['lm']:.3f}", progress=progress)
+            history = _distill(trained, teacher, windows, config, run, progress)
             completed = True
         finally:
             if config.lora:  # merged on completion; removed unmerged otherwise: the model is as it was given
+                unwrapped = run.accelerator.unwrap_model(trained)
                 unwrapped.merge_and_unload() if completed else unwrapped.unload()
     model.requires_grad_(False)
     model.eval()
     run.accelerator.free_memory()
+    tokens_per_step = config.batch_size * run.world * windows.shape[1]
     return FinetuneResult(model=model, steps_run=len(history), seconds=time.perf_counter() - t0, history=history,
-                          tokens_seen=len(history) * global_batch * windows.shape[1], config=asdict(config))
+                          tokens_seen=len(history) * tokens_per_step, config=asdict(config))
+
+
+def _distill(trained: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, config: FinetuneConfig,
+             run: Trainer, progress: bool) -> list[dict]:
+    """The recovery steps: AdamW with warm-up and cosine decay on the distillation loss, from the start or from the
+    saved state."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    global_batch = config.batch_size * run.world
+    steps = max(1, math.ceil(config.tokens / (global_batch * windows.shape[1])))
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    # the schedule is not prepared: accelerate would step it once per process, but `steps` counts global batches
+    trained = run.prepare(optimizer, trained)
+    logger.info("recovery: %d steps of %d x %d tokens, %s trainable parameters (%s), lr %.1e", steps, global_batch,
+                windows.shape[1], f"{sum(p.numel() for p in params):,}", "LoRA" if config.lora else "all weights",
+                config.learning_rate())
+    unwrapped = run.accelerator.unwrap_model(trained)
+    history: list[dict] = []
+    state = run.resume_state()
+    if state is not None:
+        load_trainable_state(unwrapped, state["trainable"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+
+    def distillation_loss(step: int):
+        """w_kl * KL(teacher || student) + w_lm * LM loss."""
+        ids = run.batch(windows, step, config.batch_size, config.seed + 7)
+        logits = trained(input_ids=ids, use_cache=False).logits
+        kl = torch.zeros((), device=logits.device)
+        if teacher is not None and config.kl_weight:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids.to(input_device(teacher)), use_cache=False).logits
+            kl = kl_divergence(logits, teacher_logits.to(logits.device))
+        lm = lm_loss(logits, ids)
+        return config.kl_weight * kl + config.lm_loss_weight * lm, {"kl": kl, "lm": lm}
+
+    def adamw_update(step: int, loss: torch.Tensor, parts: dict) -> dict:
+        grad_norm = run.accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        run.optimizer.step()
+        scheduler.step()
+        kl, lm = parts["kl"], parts["lm"]
+        if run.world > 1:  # log the global batch's losses, not this process's share
+            loss, kl, lm = (run.accelerator.reduce(t.detach(), reduction="mean") for t in (loss, kl, lm))
+        record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "lm": lm.item(),
+                  "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                  "tokens": (step + 1) * global_batch * windows.shape[1]}
+        if run.is_main:
+            logger.log(run.log_every(step), "step %d/%d loss %.4f kl %.4f lm %.4f grad %.3f lr %.2e", step + 1,
+                       steps, record["loss"], record["kl"], record["lm"], record["grad_norm"], record["lr"])
+        return record
+
+    def state_fn(step: int) -> dict:
+        return {"trainable": trainable_state(unwrapped), "optimizer": run.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "history": history, "config": asdict(config)}
+
+    return run.run(steps, history, distillation_loss, adamw_update, state_fn,
+                   postfix=lambda r: f"kl {r['kl']:.3f} lm {r['lm']:.3f}", progress=progress)
 
 
 __all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "check_budget", "check_teacher", "finetune"]

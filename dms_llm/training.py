@@ -141,6 +141,21 @@ def save_atomically(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in this process for the next allocation instead of returning it to the system (glibc only;
+    the command line calls this once). Large tensors — the logits of every step — are otherwise mapped afresh each
+    time: the main job's 48 million minor page faults and a sixth of its CPU time. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return False
+
+
 @contextmanager
 def deferred_interrupts():
     """Ctrl-C and SIGTERM that arrive inside wait until it ends, then act as usual: an update and the record of

@@ -1,11 +1,23 @@
-"""Zero-shot accuracy through lm-eval on an in-memory model, online tasks or offline local task files.
+"""Zero-shot accuracy through lm-eval (docs/DESIGN.md §5): lm-eval's stock tasks, online or from local files.
 
-Reported metric per task, as LLM-Pruner and the DMS paper report them: acc for BoolQ, PIQA, WinoGrande, ARC-e;
-acc_norm for HellaSwag, ARC-c, OpenBookQA; acc for any other task that has it.
+The seven tasks pruning papers report (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA) normally
+download their data from the Hub. With ``data_dir`` (``--zeroshot-data``, or ``$DMS_LLM_ZEROSHOT_DATA``) they read a
+local folder instead, laid out as ``DIR/<task>/<split>.jsonl[.gz]`` with the Hub dataset's fields. Nothing of the
+stock task is copied: for each task we write a three-line YAML that ``include``s lm-eval's own task file and replaces
+only its data source (``dataset_path: json`` and the file of the split it scores), so the prompt, the choices, the
+target, the metrics and any ``!function`` helpers are exactly lm-eval's. The same folder of YAML files serves the
+plain ``lm_eval`` command (``--include_path``; :func:`write_local_tasks`).
+
+Reported as LLM-Pruner and the DMS paper report them: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for
+HellaSwag, ARC-c, OpenBookQA (acc for any other task that has it); their mean; lm-eval's standard errors.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -18,17 +30,138 @@ REPORTED_METRIC = {
     "boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
     "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm",
 }
+# the fields each stock task reads from a record of its Hub dataset
+TASK_FIELDS = {
+    "boolq": ("question", "passage", "label"),
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "arc_easy": ("question", "choices", "answerKey"),
+    "arc_challenge": ("question", "choices", "answerKey"),
+    "openbookqa": ("question_stem", "choices", "answerKey"),
+}
+# the split each stock task scores (lm-eval 0.4.13), i.e. the file the local folder must hold for it
+SCORED_SPLIT = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test", "boolq": "validation",
+                "piqa": "validation", "hellaswag": "validation", "winogrande": "validation"}
+DATA_ENV = "DMS_LLM_ZEROSHOT_DATA"
 BUILTIN_TASKS = Path(__file__).parent / "tasks"
-
-
-class TaskError(DMSError, ValueError):
-    """An lm-eval task that cannot be found or run."""
 _DATA_FILE = re.compile(r"^(\s*[\w-]+:\s*)([^\s#'\"]+\.(?:jsonl|json|csv|parquet|txt))\s*$")
 
 
+class TaskError(DMSError, ValueError):
+    """An lm-eval task that cannot be found or run, or local task data that cannot be read."""
+
+
+def expand(tasks) -> list[str]:
+    """Task names, with ``default`` standing for the seven tasks of the table."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    return [t for name in names for t in (DEFAULT_TASKS if name == "default" else [name]) if t]
+
+
+def data_dir_or_env(data_dir: str | Path | None) -> Path | None:
+    """The local zero-shot data folder: the argument, else ``$DMS_LLM_ZEROSHOT_DATA``, else None (the Hub)."""
+    value = data_dir or os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_manager():
+    """lm-eval's own task index (built once per process: it scans every task file)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _stock_entry(task: str):
+    entry = _stock_manager().task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise TaskError(f"lm-eval has no stock task {task!r} to read local data for")
+    return entry
+
+
+def _split_file(data_dir: Path, task: str, split: str) -> Path:
+    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if (data_dir / task / name).is_file():
+            return (data_dir / task / name).resolve()
+    raise TaskError(f"{data_dir / task / (split + '.jsonl.gz')} is missing: the local zero-shot data needs the "
+                    f"'{split}' split of {task} there (JSONL, gzipped or not, with the Hub dataset's fields)")
+
+
+def check_task_file(path: Path, task: str) -> int:
+    """Every record of a local task file is JSON with the fields the stock task reads; returns the record count."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    count = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+                missing = [k for k in TASK_FIELDS.get(task, ()) if not isinstance(record, dict) or k not in record]
+                if missing:
+                    raise TaskError(f"{path}: line {n} lacks the field(s) {', '.join(missing)} that lm-eval's "
+                                    f"{task} task reads (fields of its Hub dataset: {', '.join(TASK_FIELDS[task])})")
+                count += 1
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise TaskError(f"{path} cannot be read as {'gzipped ' if opener is gzip.open else ''}UTF-8 JSONL ({e})") \
+            from None
+    if count == 0:
+        raise TaskError(f"{path} holds no records")
+    return count
+
+
+def check_local_data(data_dir: str | Path, tasks=DEFAULT_TASKS) -> dict[str, Path]:
+    """The file of every task in the local zero-shot folder, each checked (exists, JSONL, the stock task's fields);
+    fast, and without lm-eval: fit to run before any model loads."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise TaskError(f"zero-shot data folder {data_dir} does not exist; give the folder that holds "
+                        f"<task>/<split>.jsonl.gz for {', '.join(DEFAULT_TASKS)}")
+    unknown = [t for t in expand(tasks) if t not in SCORED_SPLIT]
+    if unknown:
+        raise TaskError(f"unknown task(s) {unknown} for local zero-shot data; available: {', '.join(DEFAULT_TASKS)} "
+                        f"('default' = all seven), and dms_example (built in)")
+    files = {t: _split_file(data_dir, t, SCORED_SPLIT[t]) for t in expand(tasks)}
+    for task, path in files.items():
+        check_task_file(path, task)
+    return files
+
+
+def write_local_tasks(data_dir: str | Path, out_dir: str | Path, tasks=DEFAULT_TASKS) -> Path:
+    """Write into ``out_dir`` one YAML per task that includes lm-eval's stock task file and points only its data
+    source at ``data_dir``; checks every data file first. Use it with ``lm_eval --include_path out_dir``."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    files = check_local_data(data_dir, tasks)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for task, path in files.items():
+        entry = _stock_entry(task)
+        stock = load_yaml(entry.yaml_path, resolve_func=False)
+        split = stock.get("test_split") or stock.get("validation_split")
+        if split != SCORED_SPLIT[task]:
+            raise TaskError(f"lm-eval's {task} task scores its '{split}' split, not '{SCORED_SPLIT[task]}' as this "
+                            f"version of dms-llm expects; update dms-llm or lm-eval")
+        # only the scored split is local: the other splits are unset, or the task would read them at construction
+        # (for few-shot examples, which a zero-shot run never uses)
+        unset = "".join(f"{key}: null\n" for key in ("training_split", "validation_split", "test_split")
+                        if stock.get(key) and stock.get(key) != split)
+        (out / f"{task}.yaml").write_text(
+            f"# lm-eval's own {task} task ({entry.yaml_path}), reading its '{split}' split from a local file\n"
+            f"include: {entry.yaml_path}\n"
+            f"task: {task}\ntag: []\n"
+            f"dataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {path}\n{unset}"
+        )
+    return out
+
+
 def _resolved_task_dir(src: Path, dst: Path) -> None:
-    """Copy a folder of lm-eval YAML tasks, rewriting data file paths relative to each YAML to absolute ones
-    (lm-eval resolves them from the working directory otherwise)."""
+    """Copy a folder of the user's lm-eval YAML tasks, rewriting data file paths relative to each YAML to absolute
+    ones (lm-eval resolves them from the working directory otherwise)."""
     for path in src.rglob("*"):
         target = dst / path.relative_to(src)
         if path.is_dir():
@@ -47,8 +180,9 @@ def _resolved_task_dir(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
-def task_manager(include_path: str | Path | None = None):
-    """An lm-eval TaskManager that knows lm-eval's tasks, dms-llm's example task and ``include_path``."""
+def task_manager(include_path: str | Path | None = None, data_dir: str | Path | None = None, tasks=()):
+    """An lm-eval TaskManager that knows lm-eval's tasks, dms-llm's example task, ``include_path`` and — with
+    ``data_dir`` — the stock ``tasks`` reading local data (they replace the Hub versions of the same names)."""
     from lm_eval.tasks import TaskManager
 
     tmp = Path(tempfile.mkdtemp(prefix="dms-llm-tasks-"))
@@ -58,23 +192,37 @@ def task_manager(include_path: str | Path | None = None):
         if not src.is_dir():
             raise TaskError(f"task folder {src} does not exist; give a folder of lm-eval task YAML files")
         _resolved_task_dir(src, tmp / "user")
+    if data_dir is not None:
+        local = [t for t in expand(tasks) if t in SCORED_SPLIT]
+        write_local_tasks(data_dir, tmp / "local", local)
     return TaskManager(include_path=str(tmp))
 
 
-def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_size: int = 8, limit: int | None = None,
-              num_fewshot: int = 0) -> dict:
-    """Accuracy of ``model`` on lm-eval ``tasks``: ``{task: {"metric", "value", "stderr", "n"}}``."""
+def check_tasks(tasks, include_path=None, data_dir=None):
+    """Stop before any model loads on a task that is unknown or whose local data is missing or malformed; returns
+    the TaskManager that knows them all."""
+    names = expand(tasks)
+    data_dir = data_dir_or_env(data_dir)
+    if data_dir is not None and include_path is None:  # the fast checks first: names and files, no lm-eval
+        check_local_data(data_dir, [t for t in names if t != "dms_example"])
+    manager = task_manager(include_path, data_dir, names)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise TaskError(
+            f"unknown lm-eval task(s) {unknown}; known here: {', '.join(DEFAULT_TASKS)} ('default'), dms_example "
+            f"(built in, offline) and every task of `lm-eval ls tasks`; local task YAML files go in `include_path`")
+    return manager
+
+
+def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_size: int | str = 8,
+              limit: int | None = None, num_fewshot: int = 0, data_dir=None, manager=None) -> dict:
+    """Accuracy of ``model`` on lm-eval ``tasks``: ``{task: {"metric", "value", "stderr", "n"}, ...}`` plus
+    ``"mean"`` over the tasks (with ``data_dir``: the stock tasks on local data; see the module docstring)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tasks = [t for name in tasks for t in (DEFAULT_TASKS if name == "default" else [name]) if t]
-    manager = task_manager(include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise TaskError(
-            f"unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`, or give --include-path with "
-            f"local task YAML files (the built-in offline example is 'dms_example')"
-        )
+    tasks = expand(tasks)
+    manager = manager or check_tasks(tasks, include_path, data_dir)
     max_length = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=str(next(model.parameters()).device))
@@ -91,4 +239,11 @@ def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_si
             "stderr": stderr if isinstance(stderr, (int, float)) else None,
             "n": out.get("n-samples", {}).get(task, {}).get("effective"),
         }
+    if len(results) > 1:
+        results["mean"] = {"metric": "mean", "value": sum(r["value"] for r in results.values()) / len(results),
+                           "stderr": None, "n": sum(r["n"] or 0 for r in results.values())}
     return results
+
+
+__all__ = ["DEFAULT_TASKS", "REPORTED_METRIC", "TaskError", "check_local_data", "check_tasks", "write_local_tasks",
+           "zero_shot"]

@@ -1,8 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 torch.set_num_threads(2)
+# converted GGUF models go to a cache of this test session (inherited by subprocesses), not the user's
+os.environ.setdefault("DMS_LLM_CACHE", tempfile.mkdtemp(prefix="dms-llm-test-cache-"))
 
 
 def tiny_llama(num_kv_heads=2, num_heads=4, layers=4, tie=True, hidden=64, intermediate=96, bias=False, seed=0):

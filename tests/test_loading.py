@@ -53,3 +53,31 @@ def test_gguf_that_is_not_a_llama_is_refused_before_loading_weights(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="not a readable GGUF"):
         load_model(str(tmp_path / "broken.gguf"))
+
+
+@pytest.mark.integration
+def test_embedded_gguf_is_converted_once_and_then_loads_from_the_cache(tmp_path, monkeypatch):
+    """The first load saves a verified checkpoint in the cache; the next one reads it without parsing the GGUF."""
+    import time
+
+    import dms_llm.loading as loading
+
+    monkeypatch.setenv("DMS_LLM_CACHE", str(tmp_path / "cache"))
+    first, tok, source = load_model("smollm2-135m")
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / "dms_conversion.json").exists()
+    assert (folders[0] / "model.safetensors").exists() and (folders[0] / "tokenizer.json").exists()
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF header must not be read when a conversion is cached")
+
+    monkeypatch.setattr(loading, "gguf_architecture", no_gguf)
+    t0 = time.perf_counter()
+    second, tok2, source2 = load_model("smollm2-135m")
+    assert time.perf_counter() - t0 < 15 and source2 == source  # the source is still the wheel's folder
+    ids = torch.tensor([tok("The capital of France is").input_ids])
+    assert tok2("The capital of France is").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    assert "smollm2" in loading.describe_cache().lower()
+    assert loading.clear_cache() == f"removed {tmp_path / 'cache'}" and not (tmp_path / "cache").exists()

@@ -114,3 +114,60 @@ def test_finetune_job_without_a_recorded_base_model_needs_a_teacher(pruned_folde
 
     with pytest.raises(DMSError, match="`teacher`"):
         finetune_checkpoint(FinetuneJob(str(pruned_folder), str(tmp_path / "r")))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(calib="/no/such/file.txt"), "neither an existing file"),
+    (dict(eval_data="/no/such/eval.raw"), "neither an existing file"),
+    (dict(calib="BINARY"), "looks binary"),
+    (dict(out="EXISTING"), "not empty"),
+    (dict(out="SOURCE"), "source folder"),
+])
+def test_bad_inputs_stop_before_the_model_loads(dense_folder, tmp_path, monkeypatch, change, message):
+    import dms_llm.pipeline as pipeline_mod
+    from dms_llm.errors import DMSError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for an input that can be checked without it")
+
+    monkeypatch.setattr(pipeline_mod, "load_model", never)
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "mine.txt").write_text("keep me")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01 not text")
+    where = {"EXISTING": str(tmp_path / "existing"), "SOURCE": str(dense_folder / "inside"),
+             "BINARY": str(tmp_path / "binary.txt")}
+    settings = {"out": str(tmp_path / "out"), **{k: where.get(v, v) for k, v in change.items()}}
+    with pytest.raises(DMSError, match=message):
+        prune_checkpoint(PruneJob(str(dense_folder), config=PruneConfig(keep=0.7), **settings))
+    with pytest.raises(DMSError):
+        finetune_checkpoint(FinetuneJob(str(dense_folder), **settings))
+
+
+def test_rerun_after_an_interruption_says_what_it_found(dense_folder, text_file, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import dms_llm.training as training_mod
+
+    real_batch = training_mod.batch_of
+
+    def interrupt_at_step_3(windows, step, batch_size, seed):
+        if step == 2 and seed == 0:  # the search's third batch (the warm-up uses seed + 1)
+            raise KeyboardInterrupt
+        return real_batch(windows, step, batch_size, seed)
+
+    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_3)
+    args = _prune_args(dense_folder, text_file, tmp_path / "out")
+    assert cli.main(args) == 130
+    state = tmp_path / ".out.search-state.pt"
+    assert state.exists()
+    monkeypatch.setattr(training_mod, "batch_of", real_batch)
+    with caplog.at_level(logging.WARNING, logger="dms_llm"):
+        prune_checkpoint(PruneJob(str(dense_folder), str(tmp_path / "out"), PruneConfig(keep=0.7, steps=3),
+                                  calib=str(text_file), seq_len=32, num_samples=4, eval_data=None))
+    message = caplog.text
+    assert "found the saved state of an interrupted search" in message and "after step 2" in message
+    assert "starts over and replaces it" in message and "`resume=True`" in message
+    assert not state.exists()  # this run completed: its own state is removed with it
+    from dms_llm.errors import as_flags
+
+    assert "run again with --resume" in as_flags(message)  # how the command line shows it

@@ -1,8 +1,147 @@
+"""Zero-shot tasks: lm-eval's stock tasks on local data (the same requests as the stock task), the built-in example
+task, the plain lm_eval command on an export, and the errors for missing or malformed data."""
+
+import gzip
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dms_llm.zeroshot import TaskError, _resolved_task_dir, task_manager, zero_shot
+from dms_llm.zeroshot import (
+    DEFAULT_TASKS,
+    TaskError,
+    _resolved_task_dir,
+    check_tasks,
+    task_manager,
+    write_local_tasks,
+    zero_shot,
+)
+
+# a few made-up records per task, in the field layout of the Hub dataset lm-eval's stock task reads
+DOCS = {
+    "boolq": [{"question": "is the sky blue on a clear day", "passage": "Sky -- The sky looks blue by day.",
+               "idx": i, "label": i % 2} for i in range(3)],
+    "piqa": [{"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Paint the lid.", "label": 0}
+             for i in range(3)],
+    "hellaswag": [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he",
+                   "ctx": "A man cracks an egg. he", "endings": ["fries it.", "sings.", "flies [title] away.", "naps."],
+                   "source_id": "x", "split": "val", "split_type": "indomain", "label": "0"} for i in range(3)],
+    "winogrande": [{"sentence": "Ann gave Bo the cup because _ was thirsty.", "option1": "Ann", "option2": "Bo",
+                    "answer": "2"} for _ in range(3)],
+    "arc_easy": [{"id": f"e{i}", "question": "Which is a liquid?", "answerKey": "B",
+                  "choices": {"text": ["rock", "water", "wood"], "label": ["A", "B", "C"]}} for i in range(3)],
+    "arc_challenge": [{"id": f"c{i}", "question": "What melts ice?", "answerKey": "1",
+                       "choices": {"text": ["heat", "cold"], "label": ["1", "2"]}} for i in range(3)],
+    "openbookqa": [{"id": f"o{i}", "question_stem": "Plants need", "answerKey": "A",
+                    "choices": {"text": ["light", "noise", "plastic", "glass"], "label": ["A", "B", "C", "D"]}}
+                   for i in range(3)],
+}
+SPLITS = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test"}
+
+
+def write_data(folder: Path, docs=DOCS) -> Path:
+    for task, records in docs.items():
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        with gzip.open(folder / task / f"{SPLITS.get(task, 'validation')}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_data(tmp_path / "zeroshot")
+
+
+def _requests(task):
+    """What the task asks the model, per document: the (context, continuation) pairs, and the gold answer."""
+    docs = list(task.eval_docs)
+    return [([r.args for r in task.construct_requests(doc=d, ctx=task.fewshot_context(d, num_fewshot=0))],
+             task.doc_to_target(d)) for d in docs]
+
+
+@pytest.mark.parametrize("name", DEFAULT_TASKS)
+def test_local_data_gives_the_stock_tasks_requests(data, name, monkeypatch):
+    """The task built on local data renders exactly the prompts, choices and targets of lm-eval's stock task on the
+    same documents, with the same metrics (the stock task gets the documents injected instead of downloaded)."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    from dms_llm.zeroshot import _stock_manager
+
+    local = check_tasks([name], data_dir=data).load([name])["tasks"][name]
+    split = SPLITS.get(name, "validation")
+
+    def inject(self, dataset_kwargs=None, **kwargs):  # the stock task's Hub download, served from memory
+        self.dataset = datasets.DatasetDict({s: datasets.Dataset.from_list(DOCS[name])
+                                             for s in ("train", "validation", "test")})
+
+    monkeypatch.setattr(ConfigurableTask, "download", inject)
+    stock = _stock_manager().load([name])["tasks"][name]
+    assert stock.config.dataset_path != "json" and local.config.dataset_path == "json"
+    assert stock.config.test_split == local.config.test_split or split == "validation"
+    assert _requests(local) == _requests(stock) and len(_requests(local)) == 3
+    assert sorted(local.aggregation()) == sorted(stock.aggregation())
+    assert local.higher_is_better() == stock.higher_is_better()
+
+
+def test_zero_shot_reports_the_papers_metrics_and_their_mean(gqa_model, data):
+    from .conftest import char_tokenizer
+
+    results = zero_shot(gqa_model, char_tokenizer(), "default", data_dir=data, limit=2, batch_size=4)
+    assert list(results) == [*DEFAULT_TASKS, "mean"]
+    assert results["hellaswag"]["metric"] == "acc_norm" and results["boolq"]["metric"] == "acc"
+    assert all(0 <= r["value"] <= 1 and r["n"] == 2 and r["stderr"] is not None
+               for t, r in results.items() if t != "mean")
+    assert results["mean"]["value"] == pytest.approx(sum(results[t]["value"] for t in DEFAULT_TASKS) / 7)
+
+
+def test_data_folder_can_come_from_the_environment(data, monkeypatch):
+    monkeypatch.setenv("DMS_LLM_ZEROSHOT_DATA", str(data))
+    assert "boolq" in check_tasks(["boolq"]).all_tasks
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "boolq/validation.jsonl.gz is missing"),
+    ("fields", r"line 2 lacks the field\(s\) passage"),
+    ("empty", "holds no records"),
+    ("not json", "line 1 is not valid JSON"),
+])
+def test_missing_or_malformed_data_names_the_file_and_the_fault(tmp_path, damage, message):
+    docs = {"boolq": [DOCS["boolq"][0], {"question": "q", "label": 1}]}
+    folder = write_data(tmp_path / "zs", docs)
+    path = folder / "boolq" / "validation.jsonl.gz"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(gzip.compress(b""))
+    elif damage == "not json":
+        path.write_bytes(gzip.compress(b"{not json\n"))
+    with pytest.raises(TaskError, match=message) as error:
+        check_tasks(["boolq"], data_dir=folder)
+    assert "boolq" in str(error.value)
+
+
+def test_unknown_task_lists_the_available_ones(data, tmp_path):
+    with pytest.raises(TaskError, match="unknown task.*no_such_task.*boolq, piqa, hellaswag.*dms_example"):
+        check_tasks(["boolq", "no_such_task"], data_dir=data)
+    with pytest.raises(TaskError, match="unknown lm-eval task.*no_such_task_xyz.*lm-eval ls tasks"):
+        check_tasks(["no_such_task_xyz"])
+    with pytest.raises(TaskError, match="does not exist"):
+        check_tasks(["boolq"], data_dir=tmp_path / "nowhere")
+
+
+def test_plain_lm_eval_command_runs_the_local_tasks_on_an_export(pruned_folder, data, tmp_path):
+    tasks = write_local_tasks(data, tmp_path / "tasks", ["boolq", "arc_easy"])
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                           f"pretrained={pruned_folder},trust_remote_code=True", "--tasks", "boolq,arc_easy",
+                           "--include_path", str(tasks), "--limit", "2", "--device", "cpu", "--batch_size", "2",
+                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]
+    assert set(results) == {"boolq", "arc_easy"} and 0 <= results["boolq"]["acc,none"] <= 1
 
 
 def test_example_task_is_known_and_its_data_path_is_absolute(tmp_path):
