@@ -37,12 +37,34 @@ from .search import PruneConfig, PruneResult, prune
 
 logger = logging.getLogger("dms_llm")
 
-@dataclass
-class PruneJob:
-    """What ``dms-llm prune`` does, as settings: the model, the output folder, the search, the data.
+@dataclass(kw_only=True)
+class ModelSettings:
+    """How a job loads its model (shared by every job)."""
 
-    ``eval_data=None`` skips the perplexity evaluation (``--no-eval``); ``reconstruct=False`` exports the sliced
-    weights as they are (``--no-reconstruct``)."""
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = None  # "auto": spread a model over this process's GPUs
+    trust_remote_code: bool = False
+
+
+@dataclass(kw_only=True)
+class OutputSettings(ModelSettings):
+    """What a job that writes a folder shares: the perplexity it reports, how it writes, where it publishes.
+    ``eval_data=None`` skips the evaluation (``--no-eval``)."""
+
+    eval_data: str | None = "pydoc-heldout"
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
+    overwrite: bool = False
+    resume: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+
+
+@dataclass
+class PruneJob(OutputSettings):
+    """What ``dms-llm prune`` does, as settings: the model, the output folder, the search, the data, the repair.
+    ``reconstruct=False`` exports the sliced weights as they are (``--no-reconstruct``)."""
 
     model: str  # Hub id, local folder, .gguf file or the embedded default "smollm2-135m"
     out: str
@@ -53,21 +75,10 @@ class PruneJob:
     reconstruct: bool = True
     recon_samples: int = 32  # calibration windows the reconstruction reads
     recon_ridge: float = 1e-2
-    eval_data: str | None = "pydoc-heldout"
-    eval_seq_len: int | None = None
-    eval_windows: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    push_to_hub: str | None = None
-    private: bool = False
 
 
 @dataclass
-class FinetuneJob:
+class FinetuneJob(OutputSettings):
     """What ``dms-llm finetune`` does: recover the export ``model`` into ``out`` by distillation from ``teacher``
     (default: the base model the export records; ``no_teacher``: LM loss only)."""
 
@@ -78,21 +89,10 @@ class FinetuneJob:
     no_teacher: bool = False
     calib: str = "pydoc"
     seq_len: int = 512
-    eval_data: str | None = "pydoc-heldout"
-    eval_seq_len: int | None = None
-    eval_windows: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    push_to_hub: str | None = None
-    private: bool = False
 
 
 @dataclass
-class EvalJob:
+class EvalJob(ModelSettings):
     """What ``dms-llm eval`` does: perplexity on ``eval_data``, zero-shot accuracy on lm-eval ``tasks`` (the stock
     tasks on local data from ``zeroshot_data``, else ``$DMS_LLM_ZEROSHOT_DATA``, else the Hub), speed."""
 
@@ -106,10 +106,6 @@ class EvalJob:
     limit: int | None = None
     batch_size: str = "8"  # lm-eval batch size, or "auto"
     speed: bool = False
-    dtype: str = "float32"
-    device: str | None = None
-    device_map: str | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass

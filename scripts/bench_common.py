@@ -30,3 +30,108 @@ def replace_section(markdown: str | Path, start: str, end: str, lines: list[str]
         text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     md.write_text(text)
     return md
+
+
+METHODS = ("dms_per_layer", "dms_uniform", "flap", "wanda_sp", "minitron_width", "sleb", "shortgpt", "taylor_uniform",
+           "random_uniform")
+PEERS = tuple(m for m in METHODS if not m.startswith("dms")) + ("torch_pruning",)
+
+
+class Methods:
+    """Every method of the benchmarks on one model and calibration set: its structure at a budget (cached in memory
+    and, keyed by everything it depends on, on disk under ``cache_dir``), and its pruned model — as the method
+    leaves it (FLAP with its bias compensation) or, for a name ending in ``+recon``, after dms-llm's reconstruction."""
+
+    def __init__(self, model, calib, calib_name: str, steps: int = 200, recon_samples: int = 32,
+                 cache_dir: str | Path | None = None):
+        self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
+        self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._stats, self._structures = None, {}
+
+    def structure(self, method: str, keep: float):
+        """(structure, seconds to find it; 0.0 when it came from the cache)."""
+        import json
+        import time
+
+        import dms_llm
+        from dms_llm import baselines
+        from dms_llm.resources import ResourceModel
+        from dms_llm.structure import ModelShape, Structure
+
+        if (method, keep) in self._structures:
+            return self._structures[method, keep]
+        path = self.cache_dir / f"{method}-keep{keep}-{self.key}.json" if self.cache_dir else None
+        if path is not None and path.exists():
+            found = (Structure.from_dict(json.loads(path.read_text())["structure"]), 0.0)
+            self._structures[method, keep] = found
+            return found
+        t0 = time.perf_counter()
+        model, calib = self.model, self.calib
+        target = dms_llm.PruneConfig(keep=keep).resolve_target(ResourceModel(ModelShape.from_model(model)))
+        if method in ("flap", "minitron_width") and self._stats is None:
+            self._stats = baselines.activation_stats(model, calib)
+        if method.startswith("dms"):
+            config = dms_llm.PruneConfig(keep=keep, steps=self.steps, uniform=method == "dms_uniform")
+            structure = dms_llm.prune(model, calib, config, progress=False).structure
+        elif method == "flap":
+            structure = baselines.flap(model, self._stats, target)
+        elif method == "minitron_width":
+            structure = baselines.minitron_width(model, self._stats, calib, target)
+        elif method == "wanda_sp":
+            structure = baselines.wanda_sp(model, calib, target)
+        elif method == "sleb":  # its greedy loop scores every remaining layer per removal: 8 windows keep it short
+            structure = baselines.sleb(model, calib[:8], target)
+        elif method == "shortgpt":
+            structure = baselines.shortgpt(model, calib, target)
+        elif method == "taylor_uniform":
+            structure = baselines.taylor_uniform(model, calib, target)
+        elif method == "random_uniform":
+            structure = baselines.random_uniform(model, target)
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        found = (structure, time.perf_counter() - t0)
+        self._structures[method, keep] = found
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"seconds": found[1], "structure": structure.to_dict()}))
+        return found
+
+    def pruned(self, name: str, keep: float):
+        """(pruned model, structure, search seconds, reconstruction seconds or None) for ``method[+recon]``."""
+        import time
+
+        import dms_llm
+        from dms_llm import baselines
+        from dms_llm.reconstruct import ReconstructConfig, reconstruct
+
+        method, recon = name.removesuffix("+recon"), name.endswith("+recon")
+        structure, seconds = self.structure(method, keep)
+        if recon:
+            pruned = dms_llm.build_pruned_model(self.model, structure)
+            t0 = time.perf_counter()
+            reconstruct(pruned, self.model, structure, self.calib, ReconstructConfig(samples=self.recon_samples),
+                        progress=False)
+            return pruned, structure, seconds, time.perf_counter() - t0
+        # FLAP's compensation is a bias per kept block (its budget counts them); the per-layer format carries it
+        pruned = dms_llm.build_pruned_model(self.model, structure, output_bias=method == "flap")
+        if method == "flap":
+            self._stats = self._stats or baselines.activation_stats(self.model, self.calib)
+            baselines.flap_bias(pruned, self.model, structure, self._stats)
+        return pruned, structure, seconds, None
+
+
+def best_peers(results: str | Path, keep: float, n: int = 2, fallback=("flap+recon", "minitron_width+recon")) -> list:
+    """The ``n`` peer methods (each in its best variant, with or without the reconstruction) with the lowest
+    perplexity at ``keep`` in the perplexity benchmark's results.json (``fallback`` when there is none)."""
+    import json
+
+    path = Path(results)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    best: dict[str, tuple[float, str]] = {}
+    for r in rows:
+        base = r["method"].removesuffix("+recon")
+        if r["keep"] == keep and base in PEERS and base != "torch_pruning":
+            best[base] = min(best.get(base, (float("inf"), "")), (r["ppl_wikitext2"], r["method"]))
+    ranked = [name for _, name in sorted(best.values())]
+    return ranked[:n] if ranked else list(fallback[:n])

@@ -19,30 +19,20 @@ import json
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_common import eval_windows, machine_name, replace_section  # a sibling module of this script
+from bench_common import METHODS, PEERS, Methods, eval_windows, machine_name, replace_section  # a sibling module
 
 import dms_llm
-from dms_llm import baselines
 from dms_llm.data import evaluation_tokens
 from dms_llm.evaluation import speed, speed_ratios
-from dms_llm.reconstruct import ReconstructConfig, reconstruct
-from dms_llm.resources import ResourceModel, count_parameters
-from dms_llm.structure import ModelShape
+from dms_llm.resources import count_parameters
 from dms_llm.training import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
-# method -> (how it is repaired by itself, whether dms-llm's reconstruction is also scored)
-METHODS = {
-    "dms_per_layer": (None, True), "dms_uniform": (None, True),
-    "flap": ("flap_bias", True), "wanda_sp": (None, True), "minitron_width": (None, True), "sleb": (None, True),
-    "shortgpt": (None, True), "taylor_uniform": (None, True), "random_uniform": (None, False),
-}
-PEERS = [m for m in METHODS if not m.startswith("dms")] + ["torch_pruning"]
+NO_RECON = ("random_uniform",)  # scored only as it comes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m")
@@ -56,6 +46,8 @@ parser.add_argument("--num-samples", type=int, default=64)
 parser.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
 parser.add_argument("--calib", default="wikitext2", help="calibration text (Hub name or local file)")
 parser.add_argument("--eval-data", default="wikitext2", help="perplexity text (Hub name or local file)")
+parser.add_argument("--cache-dir", default=str(ROOT / ".bench-cache"),
+                    help="where found structures are kept for the other benchmark scripts")
 parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
 parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
 args = parser.parse_args()
@@ -65,35 +57,10 @@ reuse_freed_memory()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
-shape = ModelShape.from_model(model)
 calib = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
-stats = None  # the dense model's activation statistics, shared by FLAP and Minitron
-
-
-def structure_of(method: str, keep: float):
-    """The method's structure at the budget."""
-    global stats
-    if method.startswith("dms"):
-        cfg = dms_llm.PruneConfig(keep=keep, steps=args.steps, uniform=method == "dms_uniform")
-        return dms_llm.prune(model, calib, cfg, progress=False).structure
-    target = dms_llm.PruneConfig(keep=keep).resolve_target(ResourceModel(shape))
-    if method in ("flap", "minitron_width") and stats is None:
-        stats = baselines.activation_stats(model, calib)
-    if method == "flap":
-        return baselines.flap(model, stats, target)
-    if method == "minitron_width":
-        return baselines.minitron_width(model, stats, calib, target)
-    if method == "wanda_sp":
-        return baselines.wanda_sp(model, calib, target)
-    if method == "sleb":  # its greedy loop scores every remaining layer per removal: 8 windows keep it to minutes
-        return baselines.sleb(model, calib[:8], target)
-    if method == "shortgpt":
-        return baselines.shortgpt(model, calib, target)
-    if method == "taylor_uniform":
-        return baselines.taylor_uniform(model, calib, target)
-    return baselines.random_uniform(model, target)
+methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir)
 
 
 def measure(name, keep, pruned, structure, seconds, recon_seconds=None):
@@ -113,20 +80,9 @@ dense_speed = speed(model)
 rows = [measure("dense", 1.0, model, None, 0.0)]
 for keep in args.keeps:
     for method in args.methods:
-        own_repair, with_recon = METHODS[method]
-        t0 = time.perf_counter()
-        structure = structure_of(method, keep)
-        seconds = time.perf_counter() - t0
-        # FLAP's compensation is a bias per kept block (its budget counts them); the per-layer format carries it
-        pruned = dms_llm.build_pruned_model(model, structure, output_bias=own_repair is not None)
-        if own_repair == "flap_bias":
-            baselines.flap_bias(pruned, model, structure, stats)
-        rows.append(measure(method, keep, pruned, structure, seconds))
-        if with_recon:
-            pruned = dms_llm.build_pruned_model(model, structure)
-            t0 = time.perf_counter()
-            reconstruct(pruned, model, structure, calib, ReconstructConfig(samples=args.recon_samples), progress=False)
-            rows.append(measure(f"{method}+recon", keep, pruned, structure, seconds, time.perf_counter() - t0))
+        for name in [method] if method in NO_RECON else [method, f"{method}+recon"]:
+            pruned, structure, seconds, recon_seconds = methods.pruned(name, keep)
+            rows.append(measure(name, keep, pruned, structure, seconds, recon_seconds))
 
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from dms_llm.search import PruneConfig
 
 def _without_times(value):
     if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k}
+        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k and k != "step_cost"}
     if isinstance(value, list):
         return [_without_times(v) for v in value]
     return value
