@@ -26,7 +26,8 @@ from .folder import save_recovered
 from .gates import DMSGates, hard_masked
 from .hub import push, stage
 from .loading import load_model
-from .pipeline import FinetuneJob, PruneJob, finetune_checkpoint, prune_checkpoint
+from .pipeline import EvalJob, FinetuneJob, PruneJob, evaluate_checkpoint, finetune_checkpoint, prune_checkpoint
+from .reconstruct import ReconstructConfig  # the function stays dms_llm.reconstruct.reconstruct: no module shadowing
 from .recovery import FinetuneConfig, FinetuneResult, finetune
 from .resources import ResourceModel, count_parameters
 from .search import PruneConfig, PruneResult, prune
@@ -34,9 +35,9 @@ from .structure import ModelShape, Structure
 from .topk import DifferentiableTopK
 
 __all__ = [
-    "DMSError", "DMSGates", "DifferentiableTopK", "FinetuneConfig", "FinetuneJob", "FinetuneResult", "ModelShape",
-    "PruneConfig", "PruneJob", "PruneResult", "ResourceModel", "Structure", "build_pruned_model",
-    "calibration_windows", "count_parameters", "evaluate", "export", "finetune", "finetune_checkpoint",
-    "hard_masked", "load_model", "load_text", "perplexity", "prune", "prune_checkpoint", "push", "save_recovered",
-    "stage",
+    "DMSError", "DMSGates", "DifferentiableTopK", "EvalJob", "FinetuneConfig", "FinetuneJob", "FinetuneResult",
+    "ModelShape", "PruneConfig", "PruneJob", "PruneResult", "ReconstructConfig", "ResourceModel", "Structure",
+    "build_pruned_model", "calibration_windows", "count_parameters", "evaluate", "evaluate_checkpoint", "export",
+    "finetune", "finetune_checkpoint", "hard_masked", "load_model", "load_text", "perplexity", "prune",
+    "prune_checkpoint", "push", "save_recovered", "stage",
 ]
