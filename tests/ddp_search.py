@@ -49,11 +49,10 @@ from accelerate import PartialState  # noqa: E402
 
 state = PartialState()
 if state.is_main_process:
-    ratios = {k: v for k, v in result.config.items() if k == "batch_size"}
     with open(args.out, "w") as f:
         from torch.distributed.tensor import DTensor
 
         sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        json.dump({"structure": result.structure.to_dict(), "processes": state.num_processes, **ratios,
+        json.dump({"structure": result.structure.to_dict(), "processes": state.num_processes,
                    "sharded": sharded,
                    "hard": [h["hard_resource"] for h in result.history]}, f)
