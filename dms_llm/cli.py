@@ -66,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform", action="store_true",
                    help="equal widths per layer and whole-layer removal: saves a stock checkpoint")
     p.add_argument("--resource", default="params", choices=["params", "macs"], help="what the budget counts")
-    p.add_argument("--mlp-unit", type=int, default=8, help="MLP channels per pruning unit")
+    p.add_argument("--mlp-unit", type=int, default=1, help="MLP channels ranked together (1: each on its own)")
+    p.add_argument("--channel-multiple", type=int, default=8, help="kept MLP widths are multiples of this")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the pruning ratios")
     p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")
     p.add_argument("--fsdp", action="store_true",
                    help="under accelerate launch: shard the frozen weights over the processes (FSDP2, one unit per "
                         "decoder layer) for models that do not fit one device; rank 0 reloads the model to export")
-    p.add_argument("--joint", action="store_true",
-                   help="joint mode: train LoRA adapters (peft) together with the structure, merge them, export")
+    p.add_argument("--joint", action="store_true", help="train LoRA adapters (peft) with the structure, then merge")
     p.add_argument("--joint-lr", type=float, default=1e-4, help="with --joint: learning rate of the LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=16, help="with --joint: LoRA rank (alpha = 2 x rank)")
     p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .structure import LayerStructure, ModelShape, Structure, decoder_layers
-from .topk import DifferentiableTopK
+from .topk import DifferentiableTopK, round_half_up
 
 MODES = ("soft", "hard", "off", "ones")
 
@@ -113,7 +113,9 @@ class DMSGates(nn.Module):
     Args:
         model: a Llama-family causal LM (see :class:`ModelShape`).
         uniform: equal widths in every layer and whole-layer removal (exports to a stock config).
-        mlp_unit: MLP channels per unit (must divide ``intermediate_size``); 8 keeps shapes kernel-friendly.
+        mlp_unit: MLP channels per unit (must divide ``intermediate_size``): 1 ranks every channel on its own.
+        channel_multiple: hard MLP widths are rounded to a multiple of this many channels (8 keeps exported shapes
+            kernel-friendly while every channel is still chosen on its own importance).
         search_heads / search_channels / search_depth: which choices to search.
         momentum: moving-average factor of the Taylor importances (0.99 in the paper).
     """
@@ -122,7 +124,8 @@ class DMSGates(nn.Module):
         self,
         model: nn.Module,
         uniform: bool = False,
-        mlp_unit: int = 8,
+        mlp_unit: int = 1,
+        channel_multiple: int = 1,
         search_heads: bool = True,
         search_channels: bool = True,
         search_depth: bool = True,
@@ -135,7 +138,10 @@ class DMSGates(nn.Module):
                 f"mlp_unit={mlp_unit} must divide intermediate_size={shape.intermediate_size}; "
                 f"pick a divisor such as 1, 8 or 64 that divides it"
             )
+        if channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be at least 1, got {channel_multiple}")
         self.shape, self.uniform, self.mlp_unit = shape, uniform, mlp_unit
+        self.units_per_multiple = max(1, channel_multiple // mlp_unit)
         L = shape.num_layers
         self.operators = nn.ModuleDict()
         if search_heads:
@@ -207,8 +213,14 @@ class DMSGates(nn.Module):
 
     # -- hard choice ---------------------------------------------------------------------------------------
     def kept_counts(self) -> dict[str, torch.Tensor]:
-        """Hard counts per operator; in uniform mode head counts are snapped down to what a stock config accepts."""
+        """Hard counts per operator: MLP widths rounded to the channel multiple; in uniform mode head counts are
+        snapped down to what a stock config accepts."""
         counts = {name: op.kept_counts() for name, op in self.operators.items()}
+        m = self.units_per_multiple
+        if m > 1 and "channels" in counts:
+            c = counts["channels"]
+            rounded = (round_half_up(c.double() / m) * m).long().clamp(m, self.operators["channels"].num_units)
+            counts["channels"] = torch.where(c > 0, rounded, c)
         if self.uniform and "heads" in counts:
             valid = self.shape.valid_uniform_group_counts()
             g = int(counts["heads"][0])

@@ -33,6 +33,21 @@ def test_search_meets_budget_and_leaves_model_unchanged(gqa_model, calib, unifor
     assert all(p.requires_grad for p in gqa_model.parameters())  # requires_grad restored
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_channels_are_ranked_one_by_one_and_widths_rounded_to_the_multiple(gqa_model, calib, uniform):
+    cfg = PruneConfig(keep=0.6, steps=8, warmup_steps=2, batch_size=2, uniform=uniform, patience=3,
+                      mlp_unit=1, channel_multiple=8)
+    result = prune(gqa_model, calib, cfg, progress=False)
+    widths = [len(layer.channels) for layer in result.structure.layers]
+    assert all(w % 8 == 0 for w in widths) and any(0 < w < ModelShape.from_model(gqa_model).intermediate_size
+                                                   for w in widths)
+    assert result.pruned_resource <= result.target_resource
+    # one-by-one ranking: some narrowed layer keeps a channel without the rest of its aligned group of 8
+    full = ModelShape.from_model(gqa_model).intermediate_size
+    narrowed = [set(layer.channels) for layer in result.structure.layers if 0 < len(layer.channels) < full]
+    assert any(set(range(8 * (c // 8), 8 * (c // 8) + 8)) - kept for kept in narrowed for c in kept)
+
+
 def test_search_is_reproducible_with_a_seed(gqa_model, calib):
     cfg = PruneConfig(keep=0.6, steps=6, warmup_steps=1, batch_size=2, seed=3)
     a = prune(gqa_model, calib, cfg, progress=False)
