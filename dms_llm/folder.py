@@ -137,11 +137,14 @@ def write_checkpoint(
 
 
 def check_same_logits(expected: torch.Tensor, got: torch.Tensor, atol: float, what: str) -> float:
-    """Max abs difference of two logit tensors; ExportError when it exceeds ``atol``."""
+    """Max abs difference of two logit tensors; ExportError when it exceeds ``atol`` — scaled up with the logits
+    once they exceed 10 in magnitude, since fp32 sums over other shapes round relative to their size (a 30-layer
+    model with logits near 34 differs by ~1e-3 between masked and sliced weights; a wrong slice differs by ~1)."""
     diff = (got.float() - expected.float()).abs().max().item()
+    atol = atol * max(1.0, expected.float().abs().max().item() / 10)
     if not diff <= atol:
         raise ExportError(f"{what} differs from the model it should reproduce: max abs logit diff {diff:.3e} > "
-                          f"{atol:g}. Nothing was written to the output folder; please report this with "
+                          f"{atol:.3g}. Nothing was written to the output folder; please report this with "
                           f"{STRUCTURE_FILE}.")
     return diff
 

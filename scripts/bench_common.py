@@ -50,7 +50,7 @@ class Methods:
         self._stats, self._structures = None, {}
 
     def structure(self, method: str, keep: float):
-        """(structure, seconds to find it; 0.0 when it came from the cache)."""
+        """(structure, seconds it took to find it — also when it comes from the cache)."""
         import json
         import time
 
@@ -63,7 +63,8 @@ class Methods:
             return self._structures[method, keep]
         path = self.cache_dir / f"{method}-keep{keep}-{self.key}.json" if self.cache_dir else None
         if path is not None and path.exists():
-            found = (Structure.from_dict(json.loads(path.read_text())["structure"]), 0.0)
+            saved = json.loads(path.read_text())  # with the seconds its search took when it was found
+            found = (Structure.from_dict(saved["structure"]), saved["seconds"])
             self._structures[method, keep] = found
             return found
         t0 = time.perf_counter()

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import dms_llm.exporter as export_mod
 import dms_llm.folder as folder_mod
@@ -83,3 +84,15 @@ def test_sigkilled_export_leaves_the_old_output(tmp_path):
     model = tiny_llama()
     export(model, Structure.dense(ModelShape.from_model(model)), out, overwrite=True)
     assert not list(tmp_path.glob(".out.tmp-*")) and (out / "model.safetensors").exists()
+
+
+def test_logit_check_tolerance_grows_with_the_logits_only_past_ten():
+    from dms_llm.folder import check_same_logits
+
+    big = torch.tensor([[40.0, -3.0]])
+    assert check_same_logits(big, big + 2e-3, 1e-3, "x") == pytest.approx(2e-3, rel=1e-3)  # 1e-3 x 40 / 10
+    with pytest.raises(ExportError, match="max abs logit diff"):
+        check_same_logits(big, big + 0.1, 1e-3, "x")
+    small = torch.tensor([[5.0, -3.0]])
+    with pytest.raises(ExportError, match="max abs logit diff"):
+        check_same_logits(small, small + 2e-3, 1e-3, "x")
