@@ -94,3 +94,15 @@ def pruned_folder(tmp_path, dense_folder):
            metadata={"base_model": "example-org/tiny-llama", "command": "dms-llm prune example-org/tiny-llama",
                      "search": {"calibration": "wikitext2"}})
     return out
+
+
+def nan_on_call(fn, n: int):
+    """``fn`` whose ``n``-th call returns its value times NaN (a loss that turns non-finite at one step)."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        value = fn(*args, **kwargs)
+        return value * float("nan") if calls["n"] == n else value
+
+    return wrapped

@@ -18,7 +18,7 @@ from dms_llm.recovery import FinetuneConfig, FinetuneError, finetune
 from dms_llm.resources import count_parameters
 from dms_llm.training import kl_divergence
 
-from .conftest import per_layer_structure, tiny_llama
+from .conftest import nan_on_call, per_layer_structure, tiny_llama
 
 
 @pytest.fixture
@@ -81,14 +81,7 @@ def test_interrupted_run_resumes_to_the_same_weights(pair, windows, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pair, windows, tmp_path, monkeypatch):
     dense, pruned = pair
-    real_kl, calls = recovery_mod.kl_divergence, {"n": 0}
-
-    def kl_nan_at_step_3(student, teacher):
-        calls["n"] += 1
-        value = real_kl(student, teacher)
-        return value * float("nan") if calls["n"] == 3 else value
-
-    monkeypatch.setattr(recovery_mod, "kl_divergence", kl_nan_at_step_3)
+    monkeypatch.setattr(recovery_mod, "kl_divergence", nan_on_call(recovery_mod.kl_divergence, 3))
     config = FinetuneConfig(tokens=10 * 4 * 32, lr=1e-3, checkpoint_path=str(tmp_path / "s.pt"))
     with pytest.raises(FloatingPointError, match="at step 3.*state after step 2"):
         finetune(pruned, windows, config, teacher=dense, progress=False)

@@ -5,6 +5,8 @@ from dms_llm.resources import ResourceModel
 from dms_llm.search import BudgetError, PruneConfig, prune
 from dms_llm.structure import ModelShape
 
+from .conftest import nan_on_call
+
 
 def _log(history):
     """The per-step search log without its wall-clock times."""
@@ -172,14 +174,7 @@ def test_dispatched_model_is_searched_where_it_was_placed(gqa_model, calib, monk
 def test_nan_loss_stops_and_keeps_the_last_good_state(gqa_model, calib, tmp_path, monkeypatch):
     import dms_llm.search as search_mod
 
-    real_kl, calls = search_mod.kl_divergence, {"n": 0}
-
-    def kl_nan_at_step_3(student, teacher):
-        calls["n"] += 1
-        value = real_kl(student, teacher)
-        return value * float("nan") if calls["n"] == 3 else value
-
-    monkeypatch.setattr(search_mod, "kl_divergence", kl_nan_at_step_3)
+    monkeypatch.setattr(search_mod, "kl_divergence", nan_on_call(search_mod.kl_divergence, 3))
     ckpt = tmp_path / "state.pt"
     cfg = PruneConfig(keep=0.7, steps=10, warmup_steps=1, batch_size=2, checkpoint_path=str(ckpt))
     with pytest.raises(FloatingPointError, match="at step 3.*after step 2"):
