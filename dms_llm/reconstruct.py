@@ -12,9 +12,17 @@ what the dense block adds to the residual stream, on the pruned model's own stre
 so the kept channels take over what the removed ones did, as far as it is linear in them (the structured form of
 the OBS / ZipLM update). Everything comes from the Gram matrix G = Z^T Z of the dense block's features:
 X^T X = G[kept, kept] and X^T Y = G[kept, :] W0^T, so one dense forward pass per block suffices; the pruned stream
-then advances by X W^T. A block that was removed entirely is not compensated.
+then advances by X W^T.
 
-Choices we measured (SmolLM2-135M, DMS per-layer structure at keep 0.8, WikiText-2; BENCHMARKS.md): targets taken
+A block removed entirely (a layer, or the attention or MLP of one) computes nothing in the pruned model, so the first
+kept block after it takes over what it added (``absorb_removed``): the removed blocks' outputs P, computed by the dense
+blocks on the pruned stream as the dense model would continue it, join that block's target, Y = Z W0^T + P, and
+enter through X^T P = (Z^T P)[kept], accumulated like the Gram. No bias is needed, so every export format carries it;
+removed blocks after the last kept one have nothing to take them over (logged).
+
+Choices we measured (SmolLM2-135M, WikiText-2; BENCHMARKS.md). Taking over removed blocks: DMS per-layer structure at
+keep 0.5 (18 of 60 blocks removed) 257.5 without, 145.6 with (a mean-output bias on the previous kept block instead:
+199.6; both: 147.9). At keep 0.8 (DMS per-layer structure, none removed) targets taken
 from the dense model's *own* stream (so each block also corrects the drift of the layers before it) overfit the
 calibration text (46.1 with 32 windows against 40.4 here); fitting an output bias (the mean compensation FLAP uses) did
 not help (40.7 against 40.4), so no format gains a bias from it; choosing the kept units by their OBS cost instead of
@@ -49,12 +57,14 @@ class ReconstructionError(DMSError, RuntimeError):
 @dataclass
 class ReconstructConfig:
     """Settings of the reconstruction stage: how many calibration windows it reads (None: all), the relative ridge
-    term, the batch of windows per forward pass, and whether output biases the pruned model has are refit too."""
+    term, the batch of windows per forward pass, whether output biases the pruned model has are refit too, and
+    whether the first kept block after a removed one also takes over what the removed block added."""
 
     samples: int | None = 32
     ridge: float = 1e-2
     batch_size: int = 4
     bias: bool = True
+    absorb_removed: bool = True
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -67,25 +77,38 @@ class ReconstructConfig:
 
 
 class _Gram:
-    """Running Z^T Z, the sum of Z and the count over calibration tokens (fp64)."""
+    """Running Z^T Z, the sum of Z and the count over calibration tokens (fp64); with ``extra`` (the width of the
+    stream), also Z^T P, the sum of P and sum ||P||^2 for an extra target P (what removed blocks would have added)."""
 
-    def __init__(self, width: int, device):
+    def __init__(self, width: int, device, extra: int | None = None):
         self.zz = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.sz = torch.zeros(width, dtype=torch.float64, device=device)
         self.n = 0
+        self.zp = None if extra is None else torch.zeros(width, extra, dtype=torch.float64, device=device)
+        self.sp = None if extra is None else torch.zeros(extra, dtype=torch.float64, device=device)
+        self.pp = 0.0
 
-    def add(self, z: torch.Tensor) -> None:
+    def add(self, z: torch.Tensor, p: torch.Tensor | None = None) -> None:
         z = z.reshape(-1, z.shape[-1]).float()
         self.zz += (z.T @ z).double()
         self.sz += z.sum(0).double()
         self.n += z.shape[0]
+        if self.zp is not None:
+            p = p.reshape(-1, p.shape[-1]).float()
+            self.zp += (z.T @ p).double()
+            self.sp += p.sum(0).double()
+            self.pp += float(p.double().pow(2).sum())
+
+    def finite(self) -> bool:
+        return all(torch.isfinite(t).all() for t in (self.zz, self.sz, self.zp, self.sp) if t is not None) and \
+            torch.isfinite(torch.tensor(self.pp))
 
 
 def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, gram: _Gram, config: ReconstructConfig,
            where: str) -> dict:
     """Solve for the kept columns of ``pruned`` (and its bias) from the dense features' Gram; see the module
     docstring. Returns the relative error of the fit before (sliced weights) and after."""
-    if not (torch.isfinite(gram.zz).all() and torch.isfinite(gram.sz).all()):
+    if not gram.finite():
         raise ReconstructionError(
             f"{where}: the calibration statistics are not finite (the model overflows on the calibration text); load "
             f"the model in float32 (`dtype='float32'`) or turn reconstruction off (`reconstruct=False`)")
@@ -95,8 +118,10 @@ def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, gram: _Gram,
     xx_raw, xy_raw = zz[kept][:, kept], zz[kept] @ w0.T  # X^T X, X^T Y
     sx, sy = sz[kept], w0 @ sz
     yy = torch.einsum("ij,jk,ik->", w0, zz, w0)
-    if b0 is not None:  # Y = Z W0^T + b0
-        xy_raw, yy, sy = xy_raw + torch.outer(sx, b0), yy + 2 * b0 @ (w0 @ sz) + n * b0 @ b0, sy + n * b0
+    if gram.zp is not None:  # Y = Z W0^T + P: the block also takes over what removed blocks before it added
+        xy_raw, yy, sy = xy_raw + gram.zp[kept], yy + 2 * (w0 * gram.zp.T).sum() + gram.pp, sy + gram.sp
+    if b0 is not None:  # Y = ... + b0
+        xy_raw, yy, sy = xy_raw + torch.outer(sx, b0), yy + 2 * b0 @ sy + n * b0 @ b0, sy + n * b0
     fit_bias = config.bias and pruned.bias is not None
     xx, xy = xx_raw, xy_raw
     if fit_bias:  # centre: the intercept takes the means
@@ -161,25 +186,34 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     run = LayerRunner(dense, windows, config.batch_size)
     stream = run.embed()  # the pruned model's residual stream (its embeddings are the dense ones)
     pruned_layer = dict(zip(kept_layers, decoder_layers(pruned)))
-    report = []
+    report, pending, absorbed = [], None, []  # pending: what the removed blocks since the last kept one would add
     for i in tqdm(range(len(run.layers)), desc="DMS reconstruction", disable=None if progress else True,
                   dynamic_ncols=True, leave=False):
         layer, target = run.layers[i], pruned_layer.get(i)
         for block in ("attention", "mlp"):
             module = None if target is None else (target.self_attn if block == "attention" else target.mlp)
-            if module is None:  # removed: the stream passes unchanged
+            if module is None:  # removed: the pruned stream passes unchanged; the next kept block takes it over
+                if config.absorb_removed:
+                    virtual = stream if pending is None else [h + p for h, p in zip(stream, pending)]
+                    outputs = [getattr(run, block)(layer, h) for h in virtual]
+                    pending = outputs if pending is None else [p + o for p, o in zip(pending, outputs)]
+                    absorbed.append(f"{i}.{block}")
                 continue
             dense_proj = layer.self_attn.o_proj if block == "attention" else layer.mlp.down_proj
             kept = _kept_columns(structure, i, block, shape).to(stream[0].device)
-            gram, features = _Gram(dense_proj.in_features, stream[0].device), []
-            for h in stream:
+            extra = None if pending is None else stream[0].shape[-1]
+            gram, features = _Gram(dense_proj.in_features, stream[0].device, extra), []
+            for b, h in enumerate(stream):
                 z = inputs_of(dense_proj, lambda: getattr(run, block)(layer, h))
-                gram.add(z)
+                gram.add(z, None if pending is None else pending[b])
                 features.append(z[..., kept])
             proj = module.o_proj if block == "attention" else module.down_proj
-            report.append({"layer": i, "block": block,
+            report.append({"layer": i, "block": block, "absorbs": absorbed,
                            **_refit(dense_proj, proj, kept, gram, config, f"layer {i} {block}")})
             stream = [h + proj(x).float() for h, x in zip(stream, features)]
+            pending, absorbed = None, []
+    if absorbed:
+        logger.info("reconstruction: no kept block after %s to take over what they added", ", ".join(absorbed))
     dense.train(was_training)
     seconds = time.perf_counter() - t0
     if report:

@@ -40,11 +40,32 @@ def test_repair_lowers_every_block_error_and_the_gap_to_the_dense_model(gqa_mode
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
 
 
-def test_removed_blocks_are_skipped(gqa_model, windows):
-    structure = per_layer_structure(gqa_model)  # layer 2 lost its attention block, layer 3 its MLP
-    report = reconstruct(build_pruned_model(gqa_model, structure), gqa_model, structure, windows, progress=False)
-    refit = {(r["layer"], r["block"]) for r in report["blocks"]}
-    assert refit == {(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp"), (2, "mlp"), (3, "attention")}
+def test_removed_blocks_are_taken_over_by_the_next_kept_block(gqa_model, windows, caplog):
+    structure = per_layer_structure(gqa_model)  # layer 2 lost its attention block, layer 3 (the last) its MLP
+    with caplog.at_level(logging.INFO, logger="dms_llm"):
+        report = reconstruct(build_pruned_model(gqa_model, structure), gqa_model, structure, windows, progress=False)
+    absorbs = {(r["layer"], r["block"]): r["absorbs"] for r in report["blocks"]}
+    assert set(absorbs) == {(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp"), (2, "mlp"), (3, "attention")}
+    assert absorbs[2, "mlp"] == ["2.attention"] and sum(map(len, absorbs.values())) == 1
+    assert "no kept block after 3.mlp" in caplog.text
+
+
+def test_taking_over_removed_blocks_brings_the_model_closer_to_the_dense_one(gqa_model, windows):
+    shape = ModelShape.from_model(gqa_model)
+    structure = Structure.dense(shape)
+    structure.layers[1].kv_heads, structure.layers[1].channels = [], []  # a whole layer and a block removed
+    structure.layers[2].kv_heads = []
+    structure.layers[0].channels = structure.layers[0].channels[:64]
+    gaps = {}
+    for absorb in (False, True):
+        pruned = build_pruned_model(gqa_model, structure)
+        report = reconstruct(pruned, gqa_model, structure, windows, ReconstructConfig(samples=None,
+                             absorb_removed=absorb), progress=False)
+        gaps[absorb] = _gap(pruned, gqa_model, windows)
+    taker = next(r for r in report["blocks"] if r["absorbs"])
+    assert (taker["layer"], taker["block"], taker["absorbs"]) == (2, "mlp", ["1.attention", "1.mlp", "2.attention"])
+    assert taker["error_after"] < taker["error_before"]
+    assert gaps[True] < 0.8 * gaps[False]
 
 
 def test_nothing_to_repair_leaves_the_weights_as_they_are(gqa_model, windows):
