@@ -37,6 +37,7 @@ accumulated in fp64) are held at once; the solve is a Cholesky factorisation in 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -100,8 +101,8 @@ class _Gram:
             self.pp += float(p.double().pow(2).sum())
 
     def finite(self) -> bool:
-        return all(torch.isfinite(t).all() for t in (self.zz, self.sz, self.zp, self.sp) if t is not None) and \
-            torch.isfinite(torch.tensor(self.pp))
+        tensors = [t for t in (self.zz, self.sz, self.zp, self.sp) if t is not None]
+        return math.isfinite(self.pp) and all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, gram: _Gram, config: ReconstructConfig,
