@@ -20,14 +20,14 @@ blocks on the pruned stream as the dense model would continue it, join that bloc
 enter through X^T P = (Z^T P)[kept], accumulated like the Gram. No bias is needed, so every export format carries it;
 removed blocks after the last kept one have nothing to take them over (logged).
 
-Choices we measured (SmolLM2-135M, WikiText-2; BENCHMARKS.md). Taking over removed blocks: DMS per-layer structure at
-keep 0.5 (18 of 60 blocks removed) 257.5 without, 145.6 with (a mean-output bias on the previous kept block instead:
-199.6; both: 147.9). At keep 0.8 (DMS per-layer structure, none removed) targets taken
-from the dense model's *own* stream (so each block also corrects the drift of the layers before it) overfit the
-calibration text (46.1 with 32 windows against 40.4 here); fitting an output bias (the mean compensation FLAP uses) did
-not help (40.7 against 40.4), so no format gains a bias from it; choosing the kept units by their OBS cost instead of
-the search's importance gained 2% for minutes of extra work. Where a model already has output biases, they are refit
-with the weights (``bias=True``).
+Choices we measured (SmolLM2-135M, WikiText-2; BENCHMARKS.md). Taking over removed blocks: DMS per-layer structure
+at keep 0.5 (18 of 60 blocks removed) 257.5 without, 142.5 with (with an explicit solve in an experiment: 145.6; a
+mean-output bias on the previous kept block instead: 199.6; take-over and bias: 147.9). At keep 0.8 (DMS per-layer
+structure, none removed) targets taken from the dense model's *own* stream (so each block also corrects the drift of
+the layers before it) overfit the calibration text (46.1 with 32 windows against 40.4 here); fitting an output bias
+(the mean compensation FLAP uses) did not help (40.7 against 40.4), so no format gains a bias from it; choosing the
+kept units by their OBS cost instead of the search's importance gained 2% for minutes of extra work. Where a model
+already has output biases, they are refit with the weights (``bias=True``).
 
 Cost and memory: one forward pass of the dense decoder blocks over ``samples`` calibration windows, one block at a
 time; the pruned stream (windows x tokens x hidden), one block's features and its Gram matrix (width x width,
