@@ -286,6 +286,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
             "seconds": round(repair["seconds"], 2), "blocks_refit": len(blocks),
             "mean_error_before": sum(b["error_before"] for b in blocks) / max(len(blocks), 1),
             "mean_error_after": sum(b["error_after"] for b in blocks) / max(len(blocks), 1),
+            "check": repair["check"],
         }
     if ppl:
         metadata["perplexity"] = ppl

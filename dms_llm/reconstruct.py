@@ -20,13 +20,27 @@ blocks on the pruned stream as the dense model would continue it, join that bloc
 enter through X^T P = (Z^T P)[kept], accumulated like the Gram. No bias is needed, so every export format carries it;
 removed blocks after the last kept one have nothing to take them over (logged).
 
+The repair checks itself on calibration windows it did not fit (``check_windows``, 8 after the ``samples`` it reads):
+the KL of the next-token distributions to the dense model's, sliced weights against repaired ones. A repair that
+raises it is made again without the take-over (when a block took one over), and undone if that does not lower it
+either. It catches a repair gone wrong, which a check per block cannot: on the DMS uniform structure at keep 0.5 (11
+whole layers removed; perplexity 14,178 sliced, 15,110 repaired with take-over, 10,249 without) the take-over lowers
+the held-out least-squares error of every block that takes one over (e.g. 1.35 -> 0.74 against what the dense layers
+would add) while the model gets worse; the check sees it (KL 6.36 sliced, 7.29 repaired, 6.40 without take-over) and
+keeps the sliced weights. On structures that are not broken the repair passes the check with a wide margin (DMS
+per-layer keep 0.5: KL 2.42 sliced, 1.60 repaired). The check costs three forward passes over 8 windows.
+
 Choices we measured (SmolLM2-135M, WikiText-2; BENCHMARKS.md). Taking over removed blocks: DMS per-layer structure
 at keep 0.5 (18 of 60 blocks removed) 257.5 without, 142.5 with (with an explicit solve in an experiment: 145.6; a
 mean-output bias on the previous kept block instead: 199.6; take-over and bias: 147.9). At keep 0.8 (DMS per-layer
 structure, none removed) targets taken from the dense model's *own* stream (so each block also corrects the drift of
 the layers before it) overfit the calibration text (46.1 with 32 windows against 40.4 here); fitting an output bias
 (the mean compensation FLAP uses) did not help (40.7 against 40.4), so no format gains a bias from it; choosing the
-kept units by their OBS cost instead of the search's importance gained 2% for minutes of extra work. Where a model
+kept units by their OBS cost instead of the search's importance gained 2% for minutes of extra work. On today's DMS
+keep-0.8 structure (33.08 here): weighting each token's squared error by 1 / RMS^2 of the stream it enters (what the
+next RMSNorm sees) 33.32; adding a fraction beta of the drift to the dense stream to every target 32.00 (beta 0.125),
+32.11 (0.25), 33.19 (0.5), but the dense stream costs one more dense forward pass (+~50% time, past 10% of the
+search), so neither is in. Where a model
 already has output biases, they are refit with the weights (``bias=True``).
 
 Cost and memory: one forward pass of the dense decoder blocks over ``samples`` calibration windows, one block at a
@@ -36,6 +50,7 @@ accumulated in fp64) are held at once; the solve is a Cholesky factorisation in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -58,14 +73,17 @@ class ReconstructionError(DMSError, RuntimeError):
 @dataclass
 class ReconstructConfig:
     """Settings of the reconstruction stage: how many calibration windows it reads (None: all), the relative ridge
-    term, the batch of windows per forward pass, whether output biases the pruned model has are refit too, and
-    whether the first kept block after a removed one also takes over what the removed block added."""
+    term, the batch of windows per forward pass, whether output biases the pruned model has are refit too, whether
+    the first kept block after a removed one also takes over what the removed block added, and how many of the
+    calibration windows after those it reads check that the repair brings the model closer to the dense one (0: no
+    check)."""
 
     samples: int | None = 32
     ridge: float = 1e-2
     batch_size: int = 4
     bias: bool = True
     absorb_removed: bool = True
+    check_windows: int = 8
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -75,6 +93,8 @@ class ReconstructConfig:
                            f"{self.ridge}")
         if self.batch_size < 1:
             raise DMSError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        if self.check_windows < 0:
+            raise DMSError(f"`check_windows` must be 0 (no check) or more, got {self.check_windows}")
 
 
 class _Gram:
@@ -170,23 +190,89 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     pruned model's stream, over the calibration windows ``calib`` ((num_samples, seq_len) token ids). ``dense`` is not
     changed.
 
-    Returns ``{"seconds", "tokens", "blocks": [{"layer", "block", "error_before", "error_after"}, ...]}`` with the
-    relative least-squares error of every refit block before (sliced weights) and after the repair."""
-    from tqdm.auto import tqdm
+    The repair checks itself on ``check_windows`` calibration windows it did not read (when ``calib`` has them): if
+    the repaired model is further from the dense one there (KL of the next-token distributions) than the sliced
+    model, the repair is made again without taking over removed blocks (when some were), and the sliced weights stay
+    if that does not bring it closer either.
 
+    Returns ``{"seconds", "tokens", "blocks": [{"layer", "block", "absorbs", "error_before", "error_after"}, ...],
+    "check"}`` with the relative least-squares error of every refit block before (sliced weights) and after, and
+    ``check`` (None without held-out windows): the held-out KL of each try and which weights were ``kept``."""
     config = config or ReconstructConfig()
     t0 = time.perf_counter()
     windows = calib[: config.samples] if config.samples else calib
-    shape = ModelShape.from_model(dense)
+    held_out = calib[len(windows): len(windows) + config.check_windows]
     kept_layers = structure.kept_layers()
     if len(kept_layers) != len(decoder_layers(pruned)):
         raise DMSError(f"the pruned model has {len(decoder_layers(pruned))} layers, the structure keeps "
                        f"{len(kept_layers)}")
+    sliced = [t.detach().clone() for t in _projections(pruned)] if len(held_out) else None
+    check = {"windows": len(held_out), "sliced": _gap(pruned, dense, held_out, config.batch_size)} if sliced else None
+    report = _repair(pruned, dense, structure, windows, config, progress)
+    if check is not None:
+        check["repaired"] = _gap(pruned, dense, held_out, config.batch_size)
+        check["kept"] = "repaired"
+        if check["repaired"] > check["sliced"] and any(r["absorbs"] for r in report):
+            _restore(pruned, sliced)
+            plain = dataclasses.replace(config, absorb_removed=False)
+            report = _repair(pruned, dense, structure, windows, plain, progress)
+            check["without_takeover"] = _gap(pruned, dense, held_out, config.batch_size)
+            check["kept"] = "without take-over"
+        if min(check["repaired"], check.get("without_takeover", math.inf)) > check["sliced"]:
+            _restore(pruned, sliced)
+            check["kept"] = "sliced"
+        level = logging.INFO if check["kept"] == "repaired" else logging.WARNING
+        logger.log(level, "reconstruction check on %d held-out calibration windows: KL to the dense model sliced "
+                   "%.4f, repaired %.4f%s -> kept the %s weights", len(held_out), check["sliced"], check["repaired"],
+                   f", without take-over {check['without_takeover']:.4f}" if "without_takeover" in check else "",
+                   check["kept"])
+    seconds = time.perf_counter() - t0
+    if report:
+        before = sum(r["error_before"] for r in report) / len(report)
+        after = sum(r["error_after"] for r in report) / len(report)
+        logger.info("reconstruction: %d blocks refit on %d tokens in %.1f s; mean relative error %.4f -> %.4f",
+                    len(report), windows.numel(), seconds, before, after)
+    return {"seconds": seconds, "tokens": windows.numel(), "blocks": report, "check": check}
+
+
+def _projections(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters the repair writes: every kept ``o_proj`` and ``down_proj`` weight (and bias)."""
+    blocks = [(getattr(layer, block), name) for layer in decoder_layers(model)
+              for block, name in (("self_attn", "o_proj"), ("mlp", "down_proj"))]
+    return [t for module, name in blocks if module is not None for t in getattr(module, name).parameters()]
+
+
+def _restore(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    for t, value in zip(_projections(model), saved, strict=True):
+        t.copy_(value)
+
+
+@torch.no_grad()
+def _gap(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows``."""
+    from .training import kl_divergence
+
+    modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
+    pruned.eval(), dense.eval()
+    total = 0.0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i: i + batch_size].to(device)
+        total += float(kl_divergence(pruned(input_ids=ids).logits, dense(input_ids=ids).logits)) * len(ids)
+    pruned.train(modes[0]), dense.train(modes[1])
+    return total / len(windows)
+
+
+def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: torch.Tensor,
+            config: ReconstructConfig, progress: bool) -> list[dict]:
+    """The layer-by-layer refit (module docstring); returns the per-block report."""
+    from tqdm.auto import tqdm
+
+    shape = ModelShape.from_model(dense)
     was_training = dense.training
     dense.eval()
     run = LayerRunner(dense, windows, config.batch_size)
     stream = run.embed()  # the pruned model's residual stream (its embeddings are the dense ones)
-    pruned_layer = dict(zip(kept_layers, decoder_layers(pruned)))
+    pruned_layer = dict(zip(structure.kept_layers(), decoder_layers(pruned)))
     report, pending, absorbed = [], None, []  # pending: what the removed blocks since the last kept one would add
     for i in tqdm(range(len(run.layers)), desc="DMS reconstruction", disable=None if progress else True,
                   dynamic_ncols=True, leave=False):
@@ -216,13 +302,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     if absorbed:
         logger.info("reconstruction: no kept block after %s to take over what they added", ", ".join(absorbed))
     dense.train(was_training)
-    seconds = time.perf_counter() - t0
-    if report:
-        before = sum(r["error_before"] for r in report) / len(report)
-        after = sum(r["error_after"] for r in report) / len(report)
-        logger.info("reconstruction: %d blocks refit on %d tokens in %.1f s; mean relative error %.4f -> %.4f",
-                    len(report), windows.numel(), seconds, before, after)
-    return {"seconds": seconds, "tokens": windows.numel(), "blocks": report}
+    return report
 
 
 __all__ = ["ReconstructConfig", "ReconstructionError", "reconstruct"]

@@ -99,6 +99,59 @@ def test_existing_output_biases_are_refit(gqa_model, windows):
     assert no_bias.model.layers[0].mlp.down_proj.bias.abs().max() == 0
 
 
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture
+def more_windows():  # 16 to fit, 8 to check on
+    return torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(3))
+
+
+def test_the_repair_checks_itself_on_windows_it_did_not_read(gqa_model, more_windows):
+    structure = per_layer_structure(gqa_model)
+    pruned = build_pruned_model(gqa_model, structure)
+    report = reconstruct(pruned, gqa_model, structure, more_windows, ReconstructConfig(samples=16, check_windows=8),
+                         progress=False)
+    check = report["check"]
+    assert report["tokens"] == 16 * 32 and check["windows"] == 8 and check["kept"] == "repaired"
+    assert check["repaired"] < 0.9 * check["sliced"]
+    assert reconstruct(build_pruned_model(gqa_model, structure), gqa_model, structure, more_windows[:16],
+                       ReconstructConfig(samples=16), progress=False)["check"] is None  # no window left to check on
+
+
+@pytest.mark.parametrize("spoil, kept", [("every", "sliced"), ("take-over", "without take-over")])
+def test_a_repair_that_moves_away_from_the_dense_model_is_not_kept(gqa_model, more_windows, monkeypatch, spoil, kept,
+                                                                   caplog):
+    import dms_llm.reconstruct as module
+
+    refit = module._refit
+
+    def spoiled(dense, pruned, kept_columns, gram, config, where):  # a repair gone wrong: huge output weights
+        result = refit(dense, pruned, kept_columns, gram, config, where)
+        if spoil == "every" or gram.zp is not None:
+            pruned.weight.mul_(200.0)
+        return result
+
+    monkeypatch.setattr(module, "_refit", spoiled)
+    structure = per_layer_structure(gqa_model)  # layer 2's attention removed: the MLP after it takes it over
+    pruned = build_pruned_model(gqa_model, structure)
+    with caplog.at_level(logging.WARNING, logger="dms_llm"):
+        report = reconstruct(pruned, gqa_model, structure, more_windows, ReconstructConfig(samples=16),
+                             progress=False)
+    check = report["check"]
+    assert check["kept"] == kept and f"kept the {kept} weights" in caplog.text
+    assert check["repaired"] > check["sliced"]
+    assert (check["without_takeover"] > check["sliced"]) == (kept == "sliced")
+    monkeypatch.setattr(module, "_refit", refit)
+    expected = build_pruned_model(gqa_model, structure)
+    if kept == "without take-over":
+        reconstruct(expected, gqa_model, structure, more_windows[:16], ReconstructConfig(absorb_removed=False),
+                    progress=False)
+    assert torch.allclose(_logits(pruned, more_windows[:2]), _logits(expected, more_windows[:2]), atol=1e-5)
+
+
 def test_repaired_export_reloads_with_the_same_logits(gqa_model, windows, tmp_path):
     structure = per_layer_structure(gqa_model)
     pruned = build_pruned_model(gqa_model, structure)
@@ -146,7 +199,7 @@ def test_non_finite_statistics_stop_with_the_block_named(gqa_model, windows):
 
 
 @pytest.mark.parametrize("bad, message", [(dict(samples=0), "samples"), (dict(ridge=0.0), "ridge"),
-                                          (dict(batch_size=0), "batch_size")])
+                                          (dict(batch_size=0), "batch_size"), (dict(check_windows=-1), "check")])
 def test_bad_settings_are_refused(bad, message):
     from dms_llm.errors import DMSError
 
