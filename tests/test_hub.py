@@ -208,3 +208,15 @@ def test_prune_push_to_hub_uploads_the_verified_export(dense_folder, text_file, 
     assert repo == "someone/tiny-dms" and not private and "model.safetensors" in files and "README.md" in files
     assert 'path = "someone/tiny-dms"' in card and (out / "model.safetensors").exists()
     assert TOKEN not in capsys.readouterr().out
+
+
+def test_the_card_says_whether_the_reconstruction_was_kept(pruned_folder):
+    from dms_llm.card import render_model_card
+
+    info = json.loads((pruned_folder / "dms_structure.json").read_text())
+    check = {"windows": 8, "sliced": 1.0, "repaired": 0.5, "kept": "repaired"}
+    info["reconstruction"] = {"tokens": 8192, "check": check}
+    assert "refit by least squares on 8,192 calibration tokens" in render_model_card(info)
+    info["reconstruction"]["check"] = {**check, "repaired": 2.0, "kept": "sliced"}
+    card = render_model_card(info)
+    assert "refit by least squares" not in card and "reconstruction was tried and undone" in card
