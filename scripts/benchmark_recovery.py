@@ -9,7 +9,8 @@ Methods: DMS per-layer + reconstruction and the best two peer rows of scripts/be
 benchmarks/results.json; FLAP and Minitron-width + reconstruction when there is none), or --methods. Structures come
 from the cache scripts/benchmark.py fills (--cache-dir), else they are searched here. Search calibration and recovery
 text: --calib; perplexity: --eval-data, non-overlapping 2048-token windows. Writes benchmarks/recovery.json and the
-marked recovery section of BENCHMARKS.md.
+marked recovery section of BENCHMARKS.md; rows of budgets not in --keeps stay there when an earlier run had the same
+setting (so one budget can be rerun alone).
 """
 
 import argparse
@@ -74,6 +75,16 @@ def ppl(m):
 
 dense_ppl = ppl(model)
 print(f"dense: ppl {dense_ppl['ppl']:.2f}", flush=True)
+stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+setting = {"recovery": {**vars(recovery), "lr": recovery.learning_rate(), "seq_len": args.seq_len,
+                        "windows_available": len(train)},
+           "eval_windows": dense_ppl["windows"], "dense_ppl": dense_ppl["ppl"], "machine": machine}
+out = Path(args.out)
+# Rows of other budgets from an earlier run with the same setting stay (rerun one keep without losing the other).
+earlier = json.loads(out.read_text()) if out.exists() else {}
+same = {k: v for k, v in earlier.get("setting", {}).items() if k != "date"} == setting
+kept_rows = [{"date": earlier["setting"].get("date"), **r} for r in earlier.get("rows", []) if same
+             and r["keep"] not in args.keeps]
 rows = []
 for keep in args.keeps:
     for name in args.methods or ["dms_per_layer+recon", *best_peers(args.results, keep)]:
@@ -82,19 +93,16 @@ for keep in args.keeps:
         result = finetune(pruned, train, copy.deepcopy(recovery), teacher=model, progress=False)
         after = ppl(pruned)["ppl"]
         rows.append({"method": name, "keep": keep, "params": count_parameters(pruned), "ppl_before": before,
-                     "ppl_after": after, "search_seconds": search, "reconstruct_seconds": recon,
+                     "ppl_after": after, "date": stamp, "search_seconds": search, "reconstruct_seconds": recon,
                      "recovery_seconds": result.seconds, "recovery_tokens": result.tokens_seen,
                      "final_kl": result.history[-1]["kl"]})
         print(f"{name:24s} keep {keep}: params {rows[-1]['params']:,} ppl {before:.2f} -> {after:.2f} "
               f"(recovery {result.seconds:.0f} s)", flush=True)
 
-stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-setting = {"recovery": {**vars(recovery), "lr": recovery.learning_rate(), "seq_len": args.seq_len,
-                        "windows_available": len(train)},
-           "eval_windows": dense_ppl["windows"], "dense_ppl": dense_ppl["ppl"], "date": stamp, "machine": machine}
-out = Path(args.out)
+rows = sorted(kept_rows + rows, key=lambda r: -r["keep"])  # stable: each keep's methods in their order
+keeps = list(dict.fromkeys(r["keep"] for r in rows))
 out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text(json.dumps({"setting": setting, "rows": rows}, indent=1))
+out.write_text(json.dumps({"setting": {**setting, "date": stamp}, "rows": rows}, indent=1))
 
 mode = "LoRA (merged)" if args.lora else "all weights"
 command = " ".join(["python scripts/benchmark_recovery.py", *map(shlex.quote, sys.argv[1:])])
@@ -104,13 +112,16 @@ lines = [START, "", f"### Recovery — {args.model}", "",
          f"({args.batch_size} x {args.seq_len}-token windows, {mode}, AdamW lr {recovery.learning_rate():g}, cosine, "
          f"5% warm-up), starting from the model as the method leaves it (`+recon`: after dms-llm's reconstruction). "
          f"Perplexity: `{Path(args.eval_data).name}`, first {dense_ppl['windows']} windows of 2048 tokens (dense "
-         f"{dense_ppl['ppl']:.2f}). Command: `{command}`.",
-         "", "| method | keep | params | ppl before | ppl after recovery | after / dense | recovery s |",
-         "| --- | --- | --- | --- | --- | --- | --- |"]
+         f"{dense_ppl['ppl']:.2f}). Command: `{command}`"
+         + (f" (rows of keep {', '.join(str(k) for k in keeps if k not in args.keeps)} are from an earlier run with "
+            f"the same setting: see their date)." if kept_rows else "."),
+         "", "| method | keep | params | ppl before | ppl after recovery | after / dense | recovery s | measured |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
     lines.append(f"| {r['method']} | {r['keep']} | {r['params'] / 1e6:.2f}M | {r['ppl_before']:.2f} | "
-                 f"{r['ppl_after']:.2f} | {r['ppl_after'] / dense_ppl['ppl']:.2f}x | {r['recovery_seconds']:.1f} |")
-for keep in args.keeps:
+                 f"{r['ppl_after']:.2f} | {r['ppl_after'] / dense_ppl['ppl']:.2f}x | {r['recovery_seconds']:.1f} | "
+                 f"{r['date']} |")
+for keep in keeps:
     dms = next((r for r in rows if r["method"].startswith("dms_per_layer") and r["keep"] == keep), None)
     peers = [r for r in rows if not r["method"].startswith("dms") and r["keep"] == keep]
     if dms and peers:
