@@ -20,15 +20,16 @@ blocks on the pruned stream as the dense model would continue it, join that bloc
 enter through X^T P = (Z^T P)[kept], accumulated like the Gram. No bias is needed, so every export format carries it;
 removed blocks after the last kept one have nothing to take them over (logged).
 
-The repair checks itself on calibration windows it did not fit (``check_windows``, 8 after the ``samples`` it reads):
+The repair checks itself on calibration windows it did not fit (``check_windows``, 4 after the ``samples`` it reads):
 the KL of the next-token distributions to the dense model's, sliced weights against repaired ones. A repair that
 raises it is made again without the take-over (when a block took one over), and undone if that does not lower it
 either. It catches a repair gone wrong, which a check per block cannot: on the DMS uniform structure at keep 0.5 (11
 whole layers removed; perplexity 14,178 sliced, 15,110 repaired with take-over, 10,249 without) the take-over lowers
 the held-out least-squares error of every block that takes one over (e.g. 1.35 -> 0.74 against what the dense layers
-would add) while the model gets worse; the check sees it (KL 6.36 sliced, 7.29 repaired, 6.40 without take-over) and
-keeps the sliced weights. On structures that are not broken the repair passes the check with a wide margin (DMS
-per-layer keep 0.5: KL 2.42 sliced, 1.60 repaired). The check costs three forward passes over 8 windows.
+would add) while the model gets worse; the check sees it (KL 6.60 sliced, 7.58 repaired, 6.49 without take-over)
+and keeps the repair without take-over (10,249). A healthy repair passes with a wide margin (DMS per-layer keep 0.8:
+KL 0.61 sliced, 0.44 repaired). The check costs three forward passes over 4 windows (dense, repaired, sliced):
+1.7 s of the 27.8 s repair there.
 
 Choices we measured (SmolLM2-135M, WikiText-2; BENCHMARKS.md). Taking over removed blocks: DMS per-layer structure
 at keep 0.5 (18 of 60 blocks removed) 257.5 without, 142.5 with (with an explicit solve in an experiment: 145.6; a
@@ -40,8 +41,7 @@ kept units by their OBS cost instead of the search's importance gained 2% for mi
 keep-0.8 structure (33.08 here): weighting each token's squared error by 1 / RMS^2 of the stream it enters (what the
 next RMSNorm sees) 33.32; adding a fraction beta of the drift to the dense stream to every target 32.00 (beta 0.125),
 32.11 (0.25), 33.19 (0.5), but the dense stream costs one more dense forward pass (+~50% time, past 10% of the
-search), so neither is in. Where a model
-already has output biases, they are refit with the weights (``bias=True``).
+search), so neither is in. Where a model already has output biases, they are refit with the weights (``bias=True``).
 
 Cost and memory: one forward pass of the dense decoder blocks over ``samples`` calibration windows, one block at a
 time; the pruned stream (windows x tokens x hidden), one block's features and its Gram matrix (width x width,
@@ -83,7 +83,7 @@ class ReconstructConfig:
     batch_size: int = 4
     bias: bool = True
     absorb_removed: bool = True
-    check_windows: int = 8
+    check_windows: int = 4
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -207,16 +207,16 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
         raise DMSError(f"the pruned model has {len(decoder_layers(pruned))} layers, the structure keeps "
                        f"{len(kept_layers)}")
     sliced = [t.detach().clone() for t in _projections(pruned)] if len(held_out) else None
-    check = {"windows": len(held_out), "sliced": _gap(pruned, dense, held_out, config.batch_size)} if sliced else None
     report = _repair(pruned, dense, structure, windows, config, progress)
-    if check is not None:
-        check["repaired"] = _gap(pruned, dense, held_out, config.batch_size)
-        check["kept"] = "repaired"
+    check = None
+    if sliced is not None:
+        check = {"windows": len(held_out), **_gaps(pruned, dense, sliced, held_out, config.batch_size),
+                 "kept": "repaired"}
         if check["repaired"] > check["sliced"] and any(r["absorbs"] for r in report):
             _restore(pruned, sliced)
             plain = dataclasses.replace(config, absorb_removed=False)
             report = _repair(pruned, dense, structure, windows, plain, progress)
-            check["without_takeover"] = _gap(pruned, dense, held_out, config.batch_size)
+            check["without_takeover"] = _gaps(pruned, dense, None, held_out, config.batch_size)["repaired"]
             check["kept"] = "without take-over"
         if min(check["repaired"], check.get("without_takeover", math.inf)) > check["sliced"]:
             _restore(pruned, sliced)
@@ -248,18 +248,27 @@ def _restore(model: nn.Module, saved: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def _gap(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows``."""
+def _gaps(pruned: nn.Module, dense: nn.Module, sliced: list[torch.Tensor] | None, windows: torch.Tensor,
+          batch_size: int) -> dict:
+    """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows``: ``{"repaired"}`` for
+    ``pruned`` as it is and, given the ``sliced`` projections, ``"sliced"`` for ``pruned`` with those (one dense
+    forward pass serves both)."""
     from .training import kl_divergence
 
     modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
     pruned.eval(), dense.eval()
-    total = 0.0
+    repaired = [t.detach().clone() for t in _projections(pruned)] if sliced is not None else None
+    total = {"repaired": 0.0, **({"sliced": 0.0} if sliced is not None else {})}
     for i in range(0, len(windows), batch_size):
         ids = windows[i: i + batch_size].to(device)
-        total += float(kl_divergence(pruned(input_ids=ids).logits, dense(input_ids=ids).logits)) * len(ids)
+        target = dense(input_ids=ids).logits
+        total["repaired"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
+        if sliced is not None:
+            _restore(pruned, sliced)
+            total["sliced"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
+            _restore(pruned, repaired)
     pruned.train(modes[0]), dense.train(modes[1])
-    return total / len(windows)
+    return {k: v / len(windows) for k, v in total.items()}
 
 
 def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: torch.Tensor,
