@@ -235,7 +235,7 @@ def write_markdown(markdown: str, rows: list, smol: dict | None, stamp: str, com
                       "(32 x 2 x 65,536 x (11,008^2 + 4,096^2) = 5.8e14 FLOP) and fp64 products and Cholesky solves "
                       "(about 4e12 FLOP per MLP block, 1.2e14 in all), i.e. well under a minute of compute at H100 "
                       "rates (not yet profiled: the 1B row above is the only measured repair at scale, 17.7% of a "
-                      "default search on this CPU, where SmolLM2's is 8.1%)."]
+                      "default search on this CPU, where SmolLM2's is 8.3%)."]
     lines += ["", END]
     return replace_section(markdown, START, END, lines)
 
