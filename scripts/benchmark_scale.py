@@ -195,9 +195,12 @@ def write_markdown(markdown: str, rows: list, smol: dict | None, stamp: str, com
              "| shape | params | dtype | plain fwd+bwd s/step | search s/step | search / plain | plain peak GiB | "
              "search peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
+
+    def row(shape: str, mode: str) -> dict:
+        return next(r for r in rows if r["shape"] == shape and r["mode"] == mode)
+
     for shape in shapes:
-        plain = next(r for r in rows if r["shape"] == shape and r["mode"] == "plain")
-        search = next(r for r in rows if r["shape"] == shape and r["mode"] == "search")
+        plain, search = row(shape, "plain"), row(shape, "search")
         if "error" in plain or "error" in search:
             lines.append(f"| {shape} | | | {plain.get('error', '')} | {search.get('error', '')} | | | |")
             continue
@@ -211,8 +214,7 @@ def write_markdown(markdown: str, rows: list, smol: dict | None, stamp: str, com
                   f"({steps_default} steps of the search step above):", "",
               "| shape | reconstruction s | peak GiB | / search |", "| --- | --- | --- | --- |"]
     for shape in shapes:
-        recon = next(r for r in rows if r["shape"] == shape and r["mode"] == "reconstruct")
-        search = next(r for r in rows if r["shape"] == shape and r["mode"] == "search")
+        recon, search = row(shape, "reconstruct"), row(shape, "search")
         if "error" in recon or "error" in search:
             lines.append(f"| {shape} | {recon.get('error', '')} | | |")
             continue
