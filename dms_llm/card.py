@@ -103,7 +103,7 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         rank = search_config.get("lora_rank")
         lines += [f"Joint search: LoRA adapters (rank {rank}) were trained together with the structure by "
                   f"distillation from the dense model and merged into the kept weights before slicing.", ""]
-    elif (info.get("reconstruction") or {}).get("check", {}) and info["reconstruction"]["check"]["kept"] == "sliced":
+    elif ((info.get("reconstruction") or {}).get("check") or {}).get("kept") == "sliced":
         lines += ["No weights were updated: the structure was searched with frozen weights and the kept weights were "
                   "sliced from the original model (dms-llm's reconstruction was tried and undone: it moved the model "
                   "away from the dense one on held-out calibration windows).", ""]
