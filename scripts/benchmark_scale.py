@@ -232,12 +232,12 @@ def write_markdown(markdown: str, rows: list, smol: dict | None, stamp: str, com
                   "", "Reconstruction of a 7B model on one 80 GB GPU, estimated (not measured) for 32 windows of 2048 "
                       "tokens (65,536 tokens), keep 0.8: memory = dense weights in bf16 (13.5 GB) + the pruned copy "
                       "(10.8 GB) + the fp32 stream (65,536 x 4096 x 4 B = 1.1 GB) + one MLP block's kept features in "
-                      "bf16 (65,536 x 8,806 x 2 B = 1.2 GB) + its fp64 Gram (11,008^2 x 8 B = 1.0 GB) = about 28 GB; "
-                      "work = one bf16 forward of the dense blocks (2 x 6.5e9 x 65,536 = 8.5e14 FLOP), fp32 Grams "
-                      "(32 x 2 x 65,536 x (11,008^2 + 4,096^2) = 5.8e14 FLOP) and fp64 products and Cholesky solves "
-                      "(about 4e12 FLOP per MLP block, 1.2e14 in all), i.e. well under a minute of compute at H100 "
-                      "rates (not yet profiled: the 1B row above is the only measured repair at scale, 17.7% of a "
-                      "default search on this CPU, where SmolLM2's is 8.3%)."]
+                      "bf16 (65,536 x 8,806 x 2 B = 1.2 GB) + its fp64 sums X^T X and X^T Y (8,806 x (8,806 + 4,096) "
+                      "x 8 B = 0.9 GB) = about 28 GB; work = one bf16 forward of the dense blocks (2 x 6.5e9 x 65,536 "
+                      "= 8.5e14 FLOP), the fp32 sums of the kept features (32 x 2 x 65,536 x (8,806 x 12,902 + 4,096 x "
+                      "8,192) = 6.2e14 FLOP) and fp64 Cholesky solves (about 2.3e11 FLOP per MLP block), i.e. well "
+                      "under a minute of compute at H100 rates (not yet profiled: the 1B row above is the only "
+                      "measured repair at scale)."]
     lines += ["", END]
     return replace_section(markdown, START, END, lines)
 

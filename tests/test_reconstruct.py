@@ -40,6 +40,32 @@ def test_repair_lowers_every_block_error_and_the_gap_to_the_dense_model(gqa_mode
     assert all(torch.isfinite(p).all() for p in pruned.parameters())
 
 
+def test_the_first_mlp_gets_the_ridge_solution_of_its_own_features(gqa_model, windows):
+    """Layer 0's MLP, after an untouched attention block, sees the dense stream: its refit must be the explicit ridge
+    solution W = (X^T X + lam I)^-1 (X^T Y + lam W0[:, kept]) on the dense features X and the dense output Y."""
+    structure = Structure.dense(ModelShape.from_model(gqa_model))
+    kept = structure.layers[0].channels[::2]
+    structure.layers[0].channels = kept
+    pruned = build_pruned_model(gqa_model, structure)
+    reconstruct(pruned, gqa_model, structure, windows, ReconstructConfig(samples=None, check_windows=0),
+                progress=False)
+    down = gqa_model.model.layers[0].mlp.down_proj
+    seen = {}
+    handle = down.register_forward_hook(lambda m, args, out: seen.update(z=args[0].detach(), y=out.detach()))
+    with torch.no_grad():
+        gqa_model(input_ids=windows)
+    handle.remove()
+    x = seen["z"][..., kept].reshape(-1, len(kept)).double()
+    y = seen["y"].reshape(-1, seen["y"].shape[-1]).double()
+    xx = x.T @ x
+    lam = 1e-2 * xx.diagonal().mean()
+    w0 = down.weight.detach().double()[:, kept]
+    expected = torch.linalg.solve(xx + lam * torch.eye(len(kept), dtype=xx.dtype), x.T @ y + lam * w0.T).T
+    got = pruned.model.layers[0].mlp.down_proj.weight.double()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not torch.allclose(got, w0, atol=1e-3)  # it did move
+
+
 def test_removed_blocks_are_taken_over_by_the_next_kept_block(gqa_model, windows, caplog):
     structure = per_layer_structure(gqa_model)  # layer 2 lost its attention block, layer 3 (the last) its MLP
     with caplog.at_level(logging.INFO, logger="dms_llm"):
@@ -130,7 +156,7 @@ def test_a_repair_that_moves_away_from_the_dense_model_is_not_kept(gqa_model, mo
 
     def spoiled(dense, pruned, kept_columns, gram, config, where):  # a repair gone wrong: huge output weights
         result = refit(dense, pruned, kept_columns, gram, config, where)
-        if spoil == "every" or gram.zp is not None:
+        if spoil == "every" or gram.takes_over:
             pruned.weight.mul_(200.0)
         return result
 
