@@ -190,7 +190,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
 
     Returns ``{"seconds", "tokens", "blocks": [{"layer", "block", "absorbs", "error_before", "error_after"}, ...],
     "check"}`` with the relative least-squares error of every refit block before (sliced weights) and after, and
-    ``check`` (None without held-out windows): the held-out KL of each try and which weights were ``kept``."""
+    ``check`` (None without held-out windows): the held-out KL of each try and which weights were ``kept`` (the
+    block errors ``after`` are those of the kept weights)."""
     config = config or ReconstructConfig()
     t0 = time.perf_counter()
     windows = calib[: config.samples] if config.samples else calib
@@ -214,6 +215,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
         if min(check["repaired"], check.get("without_takeover", math.inf)) > check["sliced"]:
             _restore(pruned, sliced)
             check["kept"] = "sliced"
+            report = [{**r, "error_after": r["error_before"]} for r in report]  # the errors of the weights it holds
         level = logging.INFO if check["kept"] == "repaired" else logging.WARNING
         logger.log(level, "reconstruction check on %d held-out calibration windows: KL to the dense model sliced "
                    "%.4f, repaired %.4f%s -> kept the %s weights", len(held_out), check["sliced"], check["repaired"],

@@ -170,6 +170,8 @@ def test_a_repair_that_moves_away_from_the_dense_model_is_not_kept(gqa_model, mo
     assert check["kept"] == kept and f"kept the {kept} weights" in caplog.text
     assert check["repaired"] > check["sliced"]
     assert (check["without_takeover"] > check["sliced"]) == (kept == "sliced")
+    undone = all(b["error_after"] == b["error_before"] for b in report["blocks"])
+    assert undone == (kept == "sliced")  # the block errors are those of the weights the model keeps
     monkeypatch.setattr(module, "_refit", refit)
     expected = build_pruned_model(gqa_model, structure)
     if kept == "without take-over":
