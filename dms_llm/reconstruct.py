@@ -106,14 +106,14 @@ class ReconstructConfig:
 class _Normal:
     """Running sums over calibration tokens for one block's least squares, in fp64: X^T X, X^T Y, the sums of X and
     Y, sum ||Y||^2 and the count, for the kept features X and the target Y (what the dense block adds, plus what
-    removed blocks before it would add when it takes them over: ``takes_over``)."""
+    removed blocks before it would add when it takes them over)."""
 
-    def __init__(self, width: int, out: int, device, takes_over: bool = False):
+    def __init__(self, width: int, out: int, device):
         self.xx = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.xy = torch.zeros(width, out, dtype=torch.float64, device=device)
         self.sx = torch.zeros(width, dtype=torch.float64, device=device)
         self.sy = torch.zeros(out, dtype=torch.float64, device=device)
-        self.yy, self.n, self.takes_over = 0.0, 0, takes_over
+        self.yy, self.n = 0.0, 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
@@ -147,7 +147,7 @@ def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, sums: _Norma
         logger.warning("%s: %d calibration tokens for %d features; the ridge term keeps the fit close to the original "
                        "weights (give more calibration windows for a better repair)", where, n, k)
     lam = config.ridge * max(float(torch.diagonal(xx).mean()), 1e-12)
-    start = dense.weight.detach().double()[:, kept.to(dense.weight.device)].to(xx.device)
+    start = dense.weight.detach()[:, kept.to(dense.weight.device)].to(xx.device, torch.float64)
     system = xx + lam * torch.eye(k, dtype=xx.dtype, device=xx.device)
     chol, info = torch.linalg.cholesky_ex(system)
     rhs = xy + lam * start.T
@@ -294,7 +294,7 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
                 continue
             dense_proj = layer.self_attn.o_proj if block == "attention" else layer.mlp.down_proj
             kept = _kept_columns(structure, i, block, shape).to(stream[0].device)
-            sums, features = _Normal(len(kept), dense_proj.out_features, stream[0].device, pending is not None), []
+            sums, features = _Normal(len(kept), dense_proj.out_features, stream[0].device), []
             for b, h in enumerate(stream):
                 out = {}
                 z = inputs_of(dense_proj, lambda: out.setdefault("y", getattr(run, block)(layer, h)))
