@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import DMSGates, hard_masked
-from .layerwise import LayerRunner, inputs_of
+from .layerwise import LayerRunner, run_seeing_input
 from .resources import ResourceModel
 from .search import dense_mask_gradients, fit_to_budget
 from .structure import ModelShape, Structure, decoder_layers
@@ -324,7 +324,7 @@ def wanda_sp(model: nn.Module, calib: torch.Tensor, target: int, batch_size: int
         kept = structure.layers[i]
         for block, proj in (("attention", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
             apply = getattr(run, block)
-            sq = sum(inputs_of(proj, lambda: apply(layer, h)).float().pow(2).sum((0, 1)) for h in hidden)
+            sq = sum(run_seeing_input(proj, lambda: apply(layer, h))[0].float().pow(2).sum((0, 1)) for h in hidden)
             score = (proj.weight.detach().abs().float() * sq.sqrt()[None]).mean(0)
             if block == "attention":
                 kept.kv_heads = sorted(score.view(groups, r * d).sum(1).topk(kh).indices.tolist())

@@ -63,15 +63,15 @@ class LayerRunner:
         return float(loss), ids[:, 1:].numel()
 
 
-def inputs_of(module: nn.Module, run) -> torch.Tensor:
-    """The first input ``module`` receives while ``run()`` executes."""
+def run_seeing_input(module: nn.Module, run):
+    """Call ``run()``; return the first input ``module`` received meanwhile and what ``run()`` returned."""
     seen = {}
     handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
     try:
-        run()
+        value = run()
     finally:
         handle.remove()
-    return seen["x"]
+    return seen["x"], value
 
 
-__all__ = ["LayerRunner", "inputs_of"]
+__all__ = ["LayerRunner", "run_seeing_input"]

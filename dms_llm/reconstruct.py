@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from .errors import DMSError
-from .layerwise import LayerRunner, inputs_of
+from .layerwise import LayerRunner, run_seeing_input
 from .structure import ModelShape, Structure, decoder_layers
 
 logger = logging.getLogger("dms_llm")
@@ -296,10 +296,9 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
             kept = _kept_columns(structure, i, block, shape).to(stream[0].device)
             sums, features = _Normal(len(kept), dense_proj.out_features, stream[0].device), []
             for b, h in enumerate(stream):
-                out = {}
-                z = inputs_of(dense_proj, lambda: out.setdefault("y", getattr(run, block)(layer, h)))
+                z, y = run_seeing_input(dense_proj, lambda: getattr(run, block)(layer, h))
                 x = z[..., kept]
-                sums.add(x, out["y"] if pending is None else out["y"] + pending[b])
+                sums.add(x, y if pending is None else y + pending[b])
                 features.append(x)
             proj = module.o_proj if block == "attention" else module.down_proj
             report.append({"layer": i, "block": block, "absorbs": absorbed,
