@@ -43,8 +43,11 @@ keep-0.8 structure (33.08 here): weighting each token's squared error by 1 / RMS
 next RMSNorm sees) 33.32; adding a fraction beta of the drift to the dense stream to every target 32.00 (beta 0.125),
 32.11 (0.25), 33.19 (0.5), but the dense stream costs one more dense forward pass (+~50% time, past 10% of the
 search), so neither is in. More windows help steadily (same structure: 32 windows 33.08 in 24.8 s, 40 windows 32.59
-in 30.7 s, 60 windows 31.98 in 42.9 s); 32 keeps the repair under 10% of a default search on the CPU. Where a model
-already has output biases, they are refit with the weights (``bias=True``).
+in 30.7 s, 60 windows 31.98 in 42.9 s); 32 keeps the repair under 10% of a default search on the CPU. The best ridge
+depends on how much was removed: at keep 0.8 a ridge of 0.1 repairs better (DMS 32.14, Minitron-width 35.23), at
+keep 0.5 it repairs worse (Minitron-width 190.5 -> 229.8), and the held-out check agrees both times, so the default
+stays 0.01 (a per-block choice by cross-validation on the sums is the open lead). Where a model already has output
+biases, they are refit with the weights (``bias=True``).
 
 Cost and memory: one forward pass of the dense decoder blocks over ``samples`` calibration windows, one block at a
 time; the pruned stream (windows x tokens x hidden), one block's kept features and its sums (kept x kept and
