@@ -154,8 +154,8 @@ def test_a_repair_that_moves_away_from_the_dense_model_is_not_kept(gqa_model, mo
 
     refit = module._refit
 
-    def spoiled(dense, pruned, kept_columns, gram, config, where):  # a repair gone wrong: huge output weights
-        result = refit(dense, pruned, kept_columns, gram, config, where)
+    def spoiled(dense, pruned, kept_columns, sums, config, where):  # a repair gone wrong: huge output weights
+        result = refit(dense, pruned, kept_columns, sums, config, where)
         if spoil == "every" or (where == "layer 2 mlp" and config.absorb_removed):  # taking over layer 2's attention
             pruned.weight.mul_(200.0)
         return result
