@@ -1,5 +1,5 @@
 """Command line: parse the flags into a job (flag names = its field names), run it with :mod:`dms_llm.pipeline`,
-print what it did: ``prune``, ``finetune``, ``push``, ``eval``, ``tasks``, ``cache``."""
+print what it did: ``prune``, ``finetune``, ``push``, ``eval``, ``tasks``, ``gguf``, ``cache``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ import threading
 from pathlib import Path
 
 from .errors import FlagFormatter, as_flags
-from .report import evaluation_report, finetune_report, prune_report
+from .report import evaluation_report, finetune_report, gguf_report, prune_report
 
-DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not for on/off flags, not when the help already states it, not for None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +53,9 @@ def _add_run_args(p: argparse.ArgumentParser, what: str, seq_len: int, batch_siz
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--quiet", action="store_true", help="no per-step log lines")
+    p.add_argument("--gguf", metavar="TYPE", default=None, type=str.lower,
+                   help="also write <out>-<TYPE>.gguf for llama.cpp (f32, f16, bf16, q8_0, q4_k_m, ...; needs the "
+                        "[llamacpp] extra), checked by llama.cpp before it is moved into place")
     p.add_argument("--push-to-hub", metavar="USER/NAME", default=None, help="also upload the result to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     _add_eval_args(p, "pydoc-heldout")
@@ -54,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dms-llm", description="Differentiable Model Scaling for Llama-family LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", formatter_class=DEFAULTS,
+    p = sub.add_parser("prune", formatter_class=DefaultsOnce,
                        help="search a smaller structure under a budget, export it, report perplexity")
     _add_model_args(p)
     budget = p.add_mutually_exclusive_group(required=True)
@@ -67,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal widths per layer and whole-layer removal: saves a stock checkpoint")
     p.add_argument("--resource", default="params", choices=["params", "macs"], help="what the budget counts")
     p.add_argument("--mlp-unit", type=int, default=1, help="MLP channels ranked together (1: each on its own)")
-    p.add_argument("--channel-multiple", type=int, default=8, help="kept MLP widths are multiples of this")
+    p.add_argument("--channel-multiple", type=int, default=None,
+                   help="kept MLP widths are multiples of this (default 8; 32 with a quantized --gguf type, so that "
+                        "every tensor quantizes)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the pruning ratios")
     p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")
@@ -83,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-ridge", type=float, default=1e-2, help="relative ridge term of the reconstruction")
     _add_run_args(p, "search", seq_len=256, batch_size=1)
 
-    f = sub.add_parser("finetune", formatter_class=DEFAULTS,
+    f = sub.add_parser("finetune", formatter_class=DefaultsOnce,
                        help="recover a pruned export by distillation from the dense model (full or LoRA)")
     _add_model_args(f)
     f.add_argument("--out", required=True, help="output folder for the recovered checkpoint")
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the LM loss (1 with --no-teacher)")
     _add_run_args(f, "run", seq_len=512, batch_size=4)
 
-    u = sub.add_parser("push", formatter_class=DEFAULTS, help="upload an export to a Hub model repo",
+    u = sub.add_parser("push", formatter_class=DefaultsOnce, help="upload an export to a Hub model repo",
                        description="Upload a dms-llm export (weights, config + code, tokenizer, structure, plot, logs, "
                                    "a model card) to a Hub model repo. The token comes from HF_TOKEN or `hf auth "
                                    "login` and is never printed; the local folder is never changed.")
@@ -109,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", metavar="DIR", default=None,
                    help="do not upload: write exactly what would be uploaded into DIR and list it")
 
-    e = sub.add_parser("eval", formatter_class=DEFAULTS,
+    e = sub.add_parser("eval", formatter_class=DefaultsOnce,
                        help="perplexity, zero-shot accuracy (lm-eval) and speed of a model or an export")
     _add_model_args(e)
     _add_eval_args(e, None)
@@ -129,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("zeroshot_data", help="folder with <task>/<split>.jsonl.gz in the Hub datasets' layout")
     t.add_argument("--out", required=True, help="folder for the task YAML files (pass it as lm_eval --include_path)")
 
+    g = sub.add_parser("gguf", formatter_class=DefaultsOnce, help="write an export as a GGUF file for llama.cpp",
+                       description="Write a dms-llm export (per-layer: llama.cpp's deci architecture; uniform: llama) "
+                                   "or a Hugging Face Llama folder as a GGUF file, checked by llama.cpp itself (same "
+                                   "tokenization, same logits) before it is moved into place.")
+    g.add_argument("folder", help="output folder of dms-llm prune / finetune, or a Hugging Face Llama folder")
+    g.add_argument("--out", default=None, help="the .gguf file to write (default: <folder>-<type>.gguf beside it)")
+    g.add_argument("--type", dest="gguf_type", default="f16", type=str.lower,
+                   help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ... (non-float types through "
+                        "llama.cpp's quantizer)")
+    g.add_argument("--tokenizer-gguf", default=None,
+                   help="copy the tokenizer from this GGUF (default: the export's source GGUF if it came from one, "
+                        "else built from the folder's tokenizer)")
+    g.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     c = sub.add_parser("cache", help="where converted GGUF models are cached; --clear deletes them")
     c.add_argument("--clear", action="store_true", help="delete the cache (the next GGUF load converts again)")
     return parser
@@ -141,9 +169,12 @@ def _from_args(cls, args, **given):
 
 
 def cmd_prune(args) -> int:
+    from .gguf_export import channel_multiple_for
     from .pipeline import PruneJob, prune_checkpoint
     from .search import PruneConfig
 
+    if args.channel_multiple is None:
+        args.channel_multiple = channel_multiple_for(args.gguf)
     config = _from_args(PruneConfig, args, target=args.target_params)
     job = _from_args(PruneJob, args, config=config, eval_data=None if args.no_eval else args.eval_data)
     run = prune_checkpoint(job, progress=not args.quiet)
@@ -178,6 +209,15 @@ def cmd_push(args) -> int:
         return 0
     url = push(args.folder, args.repo, private=args.private, commit_message=args.message)
     print(f"uploaded {args.folder} to {url}")
+    return 0
+
+
+def cmd_gguf(args) -> int:
+    from .gguf_export import write_gguf
+
+    result = write_gguf(args.folder, args.out, args.gguf_type, overwrite=args.overwrite,
+                        tokenizer_gguf=args.tokenizer_gguf, threads=args.threads)
+    print(gguf_report(result))
     return 0
 
 
@@ -244,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "push": cmd_push, "eval": cmd_eval, "tasks": cmd_tasks,
-            "cache": cmd_cache}
+            "gguf": cmd_gguf, "cache": cmd_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ import logging
 import re
 
 # settings whose dms-llm flag is not simply --name-with-dashes
-FLAGS = {"target": "--target-params", "out_dir": "--out"}
+FLAGS = {"target": "--target-params", "out_dir": "--out", "gguf_type": "--type"}
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 

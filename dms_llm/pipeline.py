@@ -30,6 +30,7 @@ from .errors import DMSError, flag
 from .evaluation import perplexity
 from .exporter import ExportResult, build_pruned_model, export
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
+from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_output, write_gguf
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
@@ -55,6 +56,7 @@ class OutputSettings(ModelSettings):
     eval_data: str | None = "pydoc-heldout"
     eval_seq_len: int | None = None
     eval_windows: int | None = None
+    gguf: str | None = None  # also write <out>-<gguf>.gguf for llama.cpp (f16, q8_0, ...), checked by llama.cpp
     overwrite: bool = False
     resume: bool = False
     push_to_hub: str | None = None
@@ -120,6 +122,7 @@ class PruneRun:
     info: dict  # the contents of dms_structure.json
     seconds: float
     url: str | None = None  # the Hub repo, when pushed
+    gguf: GGUFResult | None = None  # the GGUF file, when asked for
 
 
 @dataclass
@@ -130,6 +133,7 @@ class FinetuneRun:
     perplexity: dict | None  # {"pruned": {...}, "recovered": {...}}
     seconds: float
     url: str | None = None
+    gguf: GGUFResult | None = None
 
 
 def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
@@ -170,10 +174,17 @@ def _needs_peft(needed: bool, setting: str) -> None:
 
 
 def _check_data(job) -> None:
-    """The job's data sources, checked before any model loads (seconds, not minutes, to learn of a typo)."""
+    """The job's data sources and GGUF output, checked before any model loads (seconds, not minutes, to learn of a
+    typo)."""
     for source in (job.calib, job.eval_data):
         if source is not None:
             check_source(source)
+    if job.gguf is not None:
+        check_gguf_output(job.out, job.gguf, job.overwrite or job.resume)
+
+
+def _write_gguf(out: Path, job) -> GGUFResult | None:
+    return write_gguf(out, None, job.gguf, overwrite=job.overwrite or job.resume) if job.gguf else None
 
 
 def _is_main_process() -> bool:
@@ -243,6 +254,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     _needs_peft(config.joint, "joint")
     recon = ReconstructConfig(samples=job.recon_samples, ridge=job.recon_ridge) if job.reconstruct else None
     _check_data(job)
+    if job.gguf and channel_multiple_for(job.gguf, config.channel_multiple) != config.channel_multiple:
+        logger.warning("MLP widths that are multiples of %d do not all quantize to %s: those ffn_down tensors stay in "
+                       "f16 in the GGUF. `channel_multiple=%d` avoids it.", config.channel_multiple, job.gguf,
+                       channel_multiple_for(job.gguf, config.channel_multiple))
     out = check_output_dir(job.out, resolve_source(job.model)[2], job.overwrite or job.resume)
     config = dataclasses.replace(config, checkpoint_path=str(state_path(out, "search")), resume=job.resume)
     announce_saved_state(state_path(out, "search"), "search", job.resume)
@@ -296,8 +311,9 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
                       extra_files={"dms_search_log.jsonl": log})
     Path(config.checkpoint_path).unlink(missing_ok=True)
     info = load_structure_file(out)
+    gguf = _write_gguf(out, job)
     url = _push(out, job) if job.push_to_hub else None
-    return PruneRun(out, result, exported, repair, ppl or None, info, time.perf_counter() - t0, url)
+    return PruneRun(out, result, exported, repair, ppl or None, info, time.perf_counter() - t0, url, gguf)
 
 
 def _push(out: Path, job) -> str:
@@ -363,8 +379,9 @@ def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun 
                    overwrite=job.overwrite or job.resume, perplexity=ppl or None,
                    extra_files={"dms_recovery_log.jsonl": log})
     Path(config.checkpoint_path).unlink(missing_ok=True)
+    gguf = _write_gguf(out, job)
     url = _push(out, job) if job.push_to_hub else None
-    return FinetuneRun(out, result, teacher_name, ppl or None, time.perf_counter() - t0, url)
+    return FinetuneRun(out, result, teacher_name, ppl or None, time.perf_counter() - t0, url, gguf)
 
 
 def evaluate_checkpoint(job: EvalJob, progress: bool = True) -> dict:

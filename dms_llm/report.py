@@ -35,8 +35,9 @@ def prune_report(run, model: str) -> str:
         rows.append(("reconstruction time", "", f"{run.reconstruction['seconds']:.1f} s", ""))
     rows.append(("total time", "", f"{run.seconds:.1f} s", ""))
     kind = "uniform, stock config" if run.export.uniform else "per-layer, trust_remote_code"
-    return "\n".join([f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),
-                      markdown_table(("", "dense", "pruned", "pruned/dense"), rows)])
+    lines = [f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),
+             markdown_table(("", "dense", "pruned", "pruned/dense"), rows)]
+    return "\n".join(lines + ([gguf_report(run.gguf)] if run.gguf else []))
 
 
 def finetune_report(run, model: str) -> str:
@@ -48,7 +49,7 @@ def finetune_report(run, model: str) -> str:
         lines.append(markdown_table(("", "before", "after", "after/before"),
                                     [_ppl_row(run.perplexity["pruned"], run.perplexity["recovered"]),
                                      ("total time", "", f"{run.seconds:.1f} s", "")]))
-    return "\n".join(lines)
+    return "\n".join(lines + ([gguf_report(run.gguf)] if run.gguf else []))
 
 
 def evaluation_report(results: dict) -> str:
@@ -70,4 +71,18 @@ def evaluation_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluation_report", "finetune_report", "markdown_table", "prune_report"]
+def gguf_report(result) -> str:
+    """What :func:`dms_llm.gguf_export.write_gguf` wrote and what llama.cpp's check of it measured."""
+    c = result.check
+    lines = [f"wrote {result.path} ({result.architecture}, {result.type}, {result.bytes / 2**20:.1f} MiB; tokenizer "
+             f"{result.tokenizer})",
+             f"llama.cpp check on {c['tokens']} tokens: tokenization {c['tokenization']}, max abs logit diff "
+             f"{c['max_abs_logit_diff']:.3g}, perplexity {c['ppl_llama_cpp']:.3f} vs {c['ppl_hf']:.3f} in "
+             f"transformers, same argmax {100 * c['same_argmax']:.1f}% (bound: {c['bound']})"]
+    if result.fallbacks:
+        lines.append(f"not quantized to {result.type} (rows not a multiple of 32): "
+                     + ", ".join(f"{f['tensor']} ({f['type']})" for f in result.fallbacks))
+    return "\n".join(lines)
+
+
+__all__ = ["evaluation_report", "finetune_report", "gguf_report", "markdown_table", "prune_report"]

@@ -43,9 +43,11 @@ class Methods:
     leaves it (FLAP with its bias compensation) or, for a name ending in ``+recon``, after dms-llm's reconstruction."""
 
     def __init__(self, model, calib, calib_name: str, steps: int = 200, recon_samples: int = 32,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, channel_multiple: int = 8):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
+        self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
         self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
+        self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
 
@@ -73,7 +75,8 @@ class Methods:
         if method in ("flap", "minitron_width") and self._stats is None:
             self._stats = baselines.activation_stats(model, calib)
         if method.startswith("dms"):
-            config = dms_llm.PruneConfig(keep=keep, steps=self.steps, uniform=method == "dms_uniform")
+            config = dms_llm.PruneConfig(keep=keep, steps=self.steps, uniform=method == "dms_uniform",
+                                         channel_multiple=self.channel_multiple)
             structure = dms_llm.prune(model, calib, config, progress=False).structure
         elif method == "flap":
             structure = baselines.flap(model, self._stats, target)

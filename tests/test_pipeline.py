@@ -79,9 +79,13 @@ def test_parser_defaults_are_the_library_defaults():
         flags = {a.dest: a.default for a in sub[verb]._actions}
         settings = {f.name: f.default for f in dataclasses.fields(job_cls) if f.default is not dataclasses.MISSING}
         settings.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-        shared = set(flags) & set(settings) - {"keep", "eval_data"}
+        shared = set(flags) & set(settings) - {"keep", "eval_data", "channel_multiple"}
         assert shared and all(flags[n] == settings[n] for n in shared), \
             {n: (flags[n], settings[n]) for n in shared if flags[n] != settings[n]}
+    # --channel-multiple follows --gguf: unset, it is the library's default unless a quantized GGUF is asked for
+    from dms_llm.gguf_export import channel_multiple_for
+
+    assert channel_multiple_for(None) == PruneConfig(keep=0.5).channel_multiple == channel_multiple_for("f16")
 
 
 @pytest.mark.parametrize("extra, message", [

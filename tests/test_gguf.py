@@ -1,0 +1,278 @@
+"""GGUF files for llama.cpp: every export shape written, loaded by llama.cpp (llama-cpp-python) and compared with the
+Hugging Face export's logits; the tokenizer copied or built; quantization through llama.cpp; bad inputs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from dms_llm.errors import DMSError
+from dms_llm.exporter import export
+from dms_llm.gguf_export import (
+    CHECK_TEXT,
+    GGUFExportError,
+    channel_multiple_for,
+    check_gguf_type,
+    llama_logits,
+    open_llama,
+    write_gguf,
+)
+from dms_llm.structure import ModelShape, Structure
+
+from .conftest import TEXT, char_tokenizer, tiny_llama
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A small byte-level BPE tokenizer (GPT-2 style), trained here, so tiny models get a real GGUF vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tk.train_from_iterator([TEXT, CHECK_TEXT], trainer)
+    assert tk.get_vocab_size() == VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tiny(**kwargs):
+    model = tiny_llama(**kwargs)
+    model.resize_token_embeddings(VOCAB)
+    with torch.no_grad():  # resized rows are random too, so every token's logits mean something
+        model.get_input_embeddings().weight.normal_(0, 1)
+        if not model.config.tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0, 0.3)
+        for name, p in model.named_parameters():  # sharp attention, so a wrong rotary layout changes the logits
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0, 0.3)
+    return model
+
+
+def per_layer(model):
+    """Per-layer widths with every case llama.cpp's deci must be told about: a removed attention in the first layer,
+    a removed MLP whose attention stays, a removed layer, a removed attention elsewhere, narrowed widths."""
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[0].kv_heads = []
+    s.layers[1].kv_heads, s.layers[1].channels = s.layers[1].kv_heads[1:], s.layers[1].channels[:64]
+    s.layers[2].channels = []
+    s.layers[3].kv_heads, s.layers[3].channels = [], []
+    s.layers[4].kv_heads = []
+    return s
+
+
+def uniform(model):
+    s = Structure.dense(ModelShape.from_model(model))
+    for layer in s.layers:
+        layer.kv_heads, layer.channels = layer.kv_heads[:1], layer.channels[:64]
+    s.layers[2].kv_heads, s.layers[2].channels = [], []
+    return s
+
+
+def _cpp_and_hf_logits(gguf_file, folder, ids, remote_code):
+    llm = open_llama(gguf_file, n_ctx=64, threads=2)
+    try:
+        got = llama_logits(llm, ids)
+    finally:
+        llm.close()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote_code)
+    with torch.no_grad():
+        return got, model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("kv,tie,bias,shape", [(2, True, False, "per-layer"), (4, False, False, "per-layer"),
+                                               (1, False, True, "per-layer"), (2, True, False, "uniform"),
+                                               (4, False, True, "uniform")])
+def test_llama_cpp_reproduces_the_export(tmp_path, bpe_tokenizer, kv, tie, bias, shape):
+    """GQA and MHA, tied and untied embeddings, biases; per-layer (deci) and uniform (llama) exports: llama.cpp's
+    logits equal the Hugging Face export's, and the file says what llama.cpp needs per layer."""
+    model = tiny(num_kv_heads=kv, num_heads=4, layers=5, tie=tie, hidden=64, intermediate=96, bias=bias)
+    structure = per_layer(model) if shape == "per-layer" else uniform(model)
+    folder = export(model, structure, tmp_path / "pruned", tokenizer=bpe_tokenizer).path
+    result = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert result.architecture == ("deci" if shape == "per-layer" else "llama")
+    assert result.tokenizer == "built from the Hugging Face tokenizer" and result.check["tokenization"] == "identical"
+    ids = [0] + bpe_tokenizer(CHECK_TEXT[:200]).input_ids[:40]
+    got, expected = _cpp_and_hf_logits(result.path, folder, ids, shape == "per-layer")
+    assert (got - expected).abs().max() <= 1e-3
+    reader = gguf.GGUFReader(str(result.path))
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not tie)
+    assert any(n.endswith("attn_q.bias") for n in names) == bias == any(n.endswith("ffn_up.bias") for n in names)
+    if shape == "per-layer":  # kept layers 0, 1, 2, 4 -> blocks 0..3
+        heads = reader.fields["deci.attention.head_count"].contents()
+        ffn = reader.fields["deci.feed_forward_length"].contents()
+        group = 4 // kv
+        assert heads == [group, 4 - group, 4, 0]  # layer 0's removed attention is one zero KV group
+        assert ffn == [96, 64, 32, 96]  # the removed MLP of a layer with attention is a zero MLP of 32
+        down = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
+        assert not down.data.any()
+    else:
+        assert reader.fields["llama.feed_forward_length"].contents() == 64
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_quantized_types_report_what_did_not_quantize(tmp_path, bpe_tokenizer):
+    """q8_0 through llama.cpp's quantizer: widths that are multiples of 32 quantize; a width of 40 stays f16 and is
+    reported; the perplexity check against the Hugging Face model passes."""
+    model = tiny(layers=3, hidden=64, intermediate=96)
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[1].channels = s.layers[1].channels[:40]
+    folder = export(model, s, tmp_path / "p", tokenizer=bpe_tokenizer).path
+    result = write_gguf(folder, tmp_path / "q.gguf", "q8_0")
+    assert [f["tensor"] for f in result.fallbacks] == ["blk.1.ffn_down.weight"]
+    assert result.fallbacks[0]["type"] in ("F16", "F32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(result.path)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
+    assert result.check["ppl_llama_cpp"] <= 1.05 * result.check["ppl_hf"]
+    f16 = write_gguf(folder, tmp_path / "h.gguf", "f16")
+    assert f16.check["max_abs_logit_diff"] <= 3e-2 and result.bytes < f16.bytes
+    assert channel_multiple_for("q4_k_m") == 32 and channel_multiple_for("f16") == 8
+
+
+def test_bad_inputs_stop_with_a_message_and_leave_nothing(tmp_path, bpe_tokenizer, monkeypatch):
+    with pytest.raises(DMSError, match="unknown GGUF type"):
+        check_gguf_type("q9_9")
+    with pytest.raises(DMSError, match="not a dms-llm or Hugging Face export"):
+        write_gguf(tmp_path, tmp_path / "x.gguf")
+    model = tiny(layers=2)
+    folder = export(model, Structure.dense(ModelShape.from_model(model)), tmp_path / "d", tokenizer=bpe_tokenizer).path
+    with pytest.raises(DMSError, match="into the input folder"):
+        write_gguf(folder, folder / "x.gguf")
+    (tmp_path / "exists.gguf").write_text("mine")
+    with pytest.raises(DMSError, match="overwrite"):
+        write_gguf(folder, tmp_path / "exists.gguf")
+    assert (tmp_path / "exists.gguf").read_text() == "mine"
+    with pytest.raises(DMSError, match=r"must end in \.gguf"):
+        write_gguf(folder, tmp_path / "x.bin")
+    import dms_llm.gguf_export as ge
+
+    with monkeypatch.context() as m:  # a full disk is found before anything is written
+        m.setattr(ge.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        with pytest.raises(GGUFExportError, match="free disk space"):
+            write_gguf(folder, tmp_path / "full.gguf")
+    assert not list(tmp_path.glob("*full*"))
+    # a character-level (WordLevel) tokenizer has no exact llama.cpp counterpart: refused, nothing written
+    char = tiny_llama(layers=2)
+    folder = export(char, Structure.dense(ModelShape.from_model(char)), tmp_path / "c", tokenizer=char_tokenizer()).path
+    with pytest.raises(GGUFExportError, match="not a byte-level BPE tokenizer"):
+        write_gguf(folder, tmp_path / "c.gguf")
+    assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.tmp-*"))
+    # another family: refused by name
+    from transformers import Qwen2Config
+
+    qwen = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        num_key_value_heads=2, head_dim=16))
+    qwen.save_pretrained(tmp_path / "qwen")
+    with pytest.raises(DMSError, match="'qwen2' model"):
+        write_gguf(tmp_path / "qwen", tmp_path / "qwen.gguf")
+
+
+def test_a_failed_check_leaves_no_file(tmp_path, bpe_tokenizer, monkeypatch):
+    import dms_llm.gguf_export as ge
+
+    model = tiny(layers=2)
+    folder = export(model, Structure.dense(ModelShape.from_model(model)), tmp_path / "d", tokenizer=bpe_tokenizer).path
+    monkeypatch.setattr(ge, "_permute", lambda w, n: w)  # a writer bug: q/k rows in the wrong rotary layout
+    with pytest.raises(GGUFExportError, match="differ from the model"):
+        write_gguf(folder, tmp_path / "bad.gguf", "f32")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*gguf"))
+
+
+def test_cli_gguf_and_help_defaults(tmp_path, bpe_tokenizer):
+    model = tiny(layers=3)
+    folder = export(model, per_layer_3(model), tmp_path / "p", tokenizer=bpe_tokenizer).path
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "gguf", str(folder), "--type", "f16"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "p-f16.gguf").is_file() and "tokenization identical" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "gguf", str(folder), "--type", "f16"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    for command in ("prune", "finetune", "gguf"):
+        text = subprocess.run([sys.executable, "-m", "dms_llm", command, "--help"], capture_output=True, text=True,
+                              env={"COLUMNS": "300", **__import__("os").environ}).stdout
+        for line in text.splitlines():
+            assert line.count("default") <= 1, line
+    help_prune = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "--help"], capture_output=True, text=True,
+                                env={"COLUMNS": "300", **__import__("os").environ}).stdout
+    no_recon = next(line for line in help_prune.splitlines() if "--no-reconstruct" in line)
+    assert "True" not in no_recon
+    device = next(line for line in help_prune.splitlines() if "--device " in line)
+    assert "None" not in device
+
+
+def per_layer_3(model):
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[0].channels = s.layers[0].channels[:64]
+    s.layers[1].channels = []
+    s.layers[2].kv_heads = [0]
+    return s
+
+
+@pytest.mark.integration
+def test_smollm2_export_runs_in_llama_cpp_with_its_own_tokenizer(tmp_path):
+    """The embedded default, per-layer: the GGUF copies the source GGUF's tokenizer (llama.cpp tokenizes the check
+    text as the export's tokenizer does), its logits equal the export's, greedy decoding starts with the same tokens."""
+    import dms_llm
+
+    model, tokenizer, source = dms_llm.load_model("smollm2-135m")
+    s = Structure.dense(ModelShape.from_model(model))
+    for i, layer in enumerate(s.layers):
+        layer.channels = layer.channels[: 1536 - 256 * (i % 3)]
+        layer.kv_heads = layer.kv_heads[: 3 - (i % 2)]
+    s.layers[0].kv_heads, s.layers[7].channels, s.layers[20].kv_heads = [], [], []
+    folder = export(model, s, tmp_path / "smol", tokenizer=tokenizer, source_dir=source,
+                    metadata={"base_model": "smollm2-135m"}).path
+    result = write_gguf(folder, tmp_path / "smol.gguf", "f16")
+    assert result.tokenizer.startswith("copied from SmolLM2-135M-Instruct")
+    assert result.check["same_argmax"] >= 0.95
+    pruned = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    prompt = tokenizer("The capital of France is").input_ids
+    hf = pruned.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    llm = open_llama(result.path, n_ctx=64, threads=2, logits_all=False)
+    try:
+        cpp = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            cpp.append(token)
+            if len(cpp) == 8:
+                break
+    finally:
+        llm.close()
+    assert cpp[:4] == hf[:4]
+    info = json.loads((folder / "dms_structure.json").read_text())
+    assert info["format"].startswith("per-layer")
+
+
+def test_prune_with_a_quantized_gguf_rounds_widths_so_every_tensor_quantizes(tmp_path, bpe_tokenizer, text_file):
+    """`dms-llm prune --gguf q8_0` checks the GGUF target before loading, rounds MLP widths to multiples of 32 and
+    writes <out>-q8_0.gguf beside the folder, every 2-D tensor quantized."""
+    dense = tmp_path / "dense"
+    tiny(layers=3, intermediate=128).save_pretrained(dense)
+    bpe_tokenizer.save_pretrained(dense)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "dms_llm", "prune", str(dense), "--keep", "0.85", "--steps", "3", "--seq-len", "32",
+            "--num-samples", "4", "--calib", str(text_file), "--no-eval", "--out", str(out), "--quiet"]
+    bad = subprocess.run(args + ["--gguf", "q9_9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown GGUF type --gguf q9_9" in bad.stderr and not out.exists()
+    proc = subprocess.run(args + ["--gguf", "q8_0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "dms_structure.json").read_text())
+    assert all(w % 32 == 0 for w in info["kept_mlp_channels"]) and "--channel-multiple 32" in info["command"]
+    path = tmp_path / "out-q8_0.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
+    assert set(types.values()) == {"Q8_0"}, types
+    assert "wrote " + str(path) in proc.stdout and "not quantized" not in proc.stdout
+    shutil.rmtree(out)  # the folder is gone, its GGUF is not: refused before any work, the GGUF kept
+    again = subprocess.run(args + ["--gguf", "q8_0"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "out-q8_0.gguf exists" in again.stderr and "--overwrite" in again.stderr
+    assert not out.exists() and path.is_file()
