@@ -41,12 +41,17 @@ def check_output_dir(out_dir: str | Path, source_dir: str | Path | None, overwri
         raise ExportError(f"{out} exists and is not a folder; choose another `out_dir`")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass `overwrite=True` to replace it")
+    check_writable_parent(out, "out_dir")
+    return out
+
+
+def check_writable_parent(out: Path, setting: str) -> None:
+    """ExportError naming ``setting`` unless the nearest existing folder above ``out`` can be written to."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {parent} (read-only or no permission); choose a writable `out_dir`")
-    return out
+        raise ExportError(f"cannot write to {parent} (read-only or no permission); choose a writable `{setting}`")
 
 
 def state_path(out: Path, kind: str) -> Path:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import DMSError
+from .folder import check_writable_parent
 
 logger = logging.getLogger("dms_llm")
 
@@ -495,11 +496,7 @@ def _check_output(out: Path, source: Path, overwrite: bool) -> Path:
         raise DMSError(f"{out} exists; pass `overwrite=True` to replace it")
     if out.exists() and not out.is_file():
         raise DMSError(f"{out} exists and is not a file; choose another `out`")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DMSError(f"cannot write to {parent} (read-only or no permission); choose a writable `out`")
+    check_writable_parent(out, "out")
     return out
 
 

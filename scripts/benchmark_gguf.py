@@ -51,6 +51,9 @@ parser.add_argument("--eval-data", default="wikitext2")
 parser.add_argument("--main-export", default=None,
                     help="an export folder (the README main job's) to check at f32 and f16: HF vs llama.cpp perplexity "
                          "and greedy tokens")
+parser.add_argument("--speed-only", action="store_true",
+                    help="keep the perplexities (and --main-export check) of an earlier run's gguf<tag>.json, same "
+                         "windows, and time the files again")
 parser.add_argument("--tag", default="", help="a name for this run's outputs (gguf<tag>.json, its BENCHMARKS section)")
 parser.add_argument("--cache-dir", default=str(ROOT / ".bench-cache"))
 parser.add_argument("--work-dir", default=str(ROOT / ".bench-gguf"))
@@ -98,6 +101,10 @@ def gguf_of(folder: Path, gguf_type: str) -> Path:
     return path
 
 
+earlier = {}
+if args.speed_only:  # perplexity does not depend on what else runs; timings do
+    saved = json.loads((Path(args.out_dir) / f"gguf{args.tag}.json").read_text())
+    earlier = {(r["model"], r["keep"], r["type"]): r for r in saved["rows"] if r["windows"] == windows}
 models = [("dense", None)] + [("dms_per_layer", k) for k in args.keeps]
 models += [("dms_uniform", k) for k in args.uniform_keep]
 rows = []
@@ -106,7 +113,9 @@ for name, keep in models:
     types = args.types + (args.dense_types if keep is None else [])
     for gguf_type in types:
         path = gguf_of(folder, gguf_type)
-        ppl = llama_cpp_perplexity(path, tokens, max_windows=windows, threads=args.threads)
+        before = earlier.get((name, keep or 1.0, gguf_type))
+        ppl = {"ppl": before["ppl_llama_cpp"], "windows": before["windows"]} if before else \
+            llama_cpp_perplexity(path, tokens, max_windows=windows, threads=args.threads)
         sp = llama_cpp_speed(path, threads=args.threads)
         row = {"model": name, "keep": keep or 1.0, "type": gguf_type, "file_bytes": path.stat().st_size,
                "ppl_llama_cpp": ppl["ppl"], "ppl_hf_fp32": hf_ppl, "windows": ppl["windows"],
@@ -116,8 +125,8 @@ for name, keep in models:
               f"{ppl['ppl']:8.2f} (HF fp32 {hf_ppl:.2f})  prefill {row['prefill_tokens_per_s']:7.1f}  decode "
               f"{row['decode_tokens_per_s']:6.1f} tok/s", flush=True)
 
-main_rows = []
-if args.main_export:
+main_rows = saved["main_export"] if args.speed_only else []
+if args.main_export and not main_rows:
     from dms_llm.gguf_export import open_llama
 
     folder = Path(args.main_export).resolve()
