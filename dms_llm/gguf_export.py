@@ -377,11 +377,10 @@ def _build_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for what, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+    for what in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{what}_token_id")
         if token_id is not None:
-            getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
-                             "pad": "add_pad_token_id"}[what])(token_id)
+            getattr(writer, f"add_{what}_token_id")(token_id)
     probe = tokenizer("a").input_ids
     writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
