@@ -72,13 +72,15 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
            if base in HUB_IDS else ""), "",
         "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'path = "{repo_id}"' if repo_id else 'path = "."  # this folder, or its Hub id once pushed',
-        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)",
+        f"model = {load}", f"tokenizer = {load.replace('AutoModelForCausalLM', 'AutoTokenizer')}",
         "```", "",
     ]
     if per_layer:
         lines += ["Each layer has its own number of heads and MLP channels, so the config and modeling code "
-                  "(`configuration_dms_llama.py`, `modeling_dms_llama.py`, built on transformers' Llama modules) are "
-                  "saved beside the weights; only `transformers` is needed to load it, not dms-llm. "
+                  "(`configuration_dms_llama.py`, `modeling_dms_llama.py`, built on transformers' Llama / Qwen3 "
+                  "modules) are saved beside the weights; only `transformers` is needed to load it, not dms-llm. The "
+                  "tokenizer takes `trust_remote_code=True` too: transformers reads the model's config before the "
+                  "tokenizer's files and would otherwise stop to ask whether to run that code. "
                   "peft LoRA adapters apply to it as to any Llama.", ""]
     lines += [
         "## Structure", "",

@@ -22,6 +22,8 @@ from .structure import ModelShape, Structure, decoder_layers
 
 DROP_CONFIG_KEYS = ("quantization_config", "auto_map", "architectures", "_name_or_path", "transformers_version",
                     "model_type", "layer_num_key_value_heads", "layer_intermediate_sizes", "dtype", "torch_dtype")
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types the per-layer format describes
+FAMILY_ONLY_KEYS = ("use_sliding_window", "max_window_layers", "layer_types", "sliding_window")  # said otherwise there
 
 
 @dataclass
@@ -83,18 +85,59 @@ def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = Fa
         except Exception as e:
             raise ExportError(f"the uniform structure gives a config that {type(model.config).__name__} "
                               f"rejects: {e}") from None
-    if shape.model_type != "llama":
+    if shape.model_type not in PER_LAYER_FAMILIES:
         raise ExportError(
-            f"per-layer export supports Llama models; for model_type={shape.model_type!r} search with --uniform"
+            f"per-layer export supports {', '.join(PER_LAYER_FAMILIES)} models; for model_type={shape.model_type!r} "
+            f"search with --uniform"
         )
     from .modeling.configuration_dms_llama import DMSLlamaConfig
 
+    for key in FAMILY_ONLY_KEYS:
+        base.pop(key, None)
     base.update(
         layer_num_key_value_heads=[len(structure.layers[i].kv_heads) for i in kept],
         layer_intermediate_sizes=[len(structure.layers[i].channels) for i in kept],
         output_bias=output_bias,
+        source_model_type=shape.model_type,
+        qkv_bias=shape.model_type == "qwen2",
+        qk_norm=shape.model_type == "qwen3",
+        sliding_window=_sliding_window(model.config, [i for i in kept if structure.layers[i].kv_heads]),
     )
     return DMSLlamaConfig(**base)
+
+
+def check_per_layer_support(model: nn.Module) -> None:
+    """ExportError, before any search, when a per-layer export of ``model`` could not be written."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in PER_LAYER_FAMILIES:
+        raise ExportError(f"per-layer export supports {', '.join(PER_LAYER_FAMILIES)} models, not "
+                          f"{model_type!r}; search with --uniform (a stock checkpoint of the source's class)")
+    windows = set(layer_windows(model.config))
+    if len(windows) > 1:
+        raise ExportError(f"{type(model).__name__} mixes attention windows across layers ({sorted(windows, key=str)}); "
+                          f"dms-llm's per-layer format has one window for all blocks. Search with --uniform (the "
+                          f"stock class keeps each layer's window)")
+
+
+def layer_windows(config) -> list[int | None]:
+    """The attention window of every layer of a source config (None = full attention): Qwen2/3 say it per layer in
+    ``layer_types``, Mistral has one ``sliding_window`` for all."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list):
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * config.num_hidden_layers
+
+
+def _sliding_window(config, attention_layers: list[int]) -> int | None:
+    """The one window every kept attention block of a per-layer export uses; ExportError when they differ."""
+    windows = {layer_windows(config)[i] for i in attention_layers}
+    if len(windows) > 1:
+        raise ExportError(
+            f"the kept attention blocks mix attention windows ({sorted(windows, key=str)}); dms-llm's per-layer format "
+            f"has one window for all blocks. Search with --uniform (the stock class keeps each layer's window)"
+        )
+    return windows.pop() if windows else None
 
 
 def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None,

@@ -57,7 +57,7 @@ QUANT_PPL_BOUND = {"q8_0": 1.05, "q6_k": 1.1, "q5_k_m": 1.15, "q5_k_s": 1.15, "q
                    "q4_k_m": 1.35, "q4_k_s": 1.4, "q4_0": 1.5, "q4_1": 1.5, "q3_k_l": 1.8, "q3_k_m": 2.0,
                    "q3_k_s": 2.5, "q2_k": 4.0}
 LOGIT_TOLERANCE = {"f32": 3e-3, "f16": 1e-1, "bf16": 4e-1}  # max abs logit diff, x max|logit| / 10 above 10
-GGUF_FAMILIES = ("llama", "dms_llama", "mistral")
+GGUF_FAMILIES = ("llama", "dms_llama", "mistral", "qwen2")  # what llama.cpp's llama / deci architectures compute
 
 CHECK_TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384,400 km; 12.5% of 2048 is 256.\n"
@@ -124,12 +124,19 @@ def _read_folder(folder: Path) -> tuple[dict, dict]:
         raise DMSError(f"{folder} holds no config.json and *.safetensors: it is not a dms-llm or Hugging Face "
                        f"export (save it with save_pretrained, or run dms-llm prune first)")
     config = json.loads(config_file.read_text())
-    model_type = config.get("model_type")
-    if model_type not in GGUF_FAMILIES:
-        raise DMSError(f"{folder} is a {model_type!r} model; dms-llm writes GGUF files of Llama-family exports "
-                       f"({', '.join(GGUF_FAMILIES)}) — llama.cpp's deci architecture expresses no other family")
+    check_gguf_family(config, str(folder))
     structure = folder / "dms_structure.json"
     return config, (json.loads(structure.read_text()) if structure.is_file() else {})
+
+
+def check_gguf_family(config: dict, what: str) -> None:
+    """DMSError unless llama.cpp's llama / deci architectures compute the model of ``config`` (a config.json dict)."""
+    model_type = config.get("model_type")
+    if model_type not in GGUF_FAMILIES or config.get("qk_norm"):
+        family = config.get("source_model_type", model_type)
+        raise DMSError(f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral and Qwen2 "
+                       f"exports (per-layer or uniform) — llama.cpp's deci / llama architectures have no place for "
+                       f"{'per-head q/k norms' if family == 'qwen3' or config.get('qk_norm') else 'this family'}")
 
 
 class _Tensor:
@@ -184,6 +191,16 @@ def _layout(config: dict) -> _Layout:
     kv = [1 if i in zero_attention else k for i, k in enumerate(kv)]
     ffn = [ZERO_MLP_WIDTH if i in zero_mlp else f for i, f in enumerate(ffn)]
     return _Layout("deci", [k * group for k in kv], kv, ffn, zero_attention, zero_mlp)
+
+
+def context_length(config: dict) -> int:
+    """The context the GGUF declares: the model's, or its sliding window when it has one (llama.cpp's llama / deci
+    attend to the whole context, which is the model's own computation up to the window's length)."""
+    context = config.get("max_position_embeddings", 2048)
+    windows = [config.get("sliding_window")]
+    if isinstance(config.get("layer_types"), list) and "sliding_attention" not in config["layer_types"]:
+        windows = []  # Qwen2 / Qwen3 with use_sliding_window off: every layer attends fully
+    return min([context] + [w for w in windows if w])
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -273,7 +290,7 @@ def _add_model_metadata(writer, config: dict, layout: _Layout, name: str, file_t
     writer.add_file_type(file_type)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(layout.ffn if per_layer else layout.ffn[0])
     writer.add_head_count(layout.heads if per_layer else layout.heads[0])
@@ -570,7 +587,8 @@ def write_gguf(
         if not direct:
             _quantize(f32, tmp, gguf_type, threads)
             f32.unlink()
-        check = check_gguf(tmp, folder, config, tokenizer, gguf_type, threads)
+        check = check_gguf(tmp, folder, config, tokenizer, gguf_type, threads,
+                           max_tokens=min(128, context_length(config)))
         fallbacks = _fallbacks(tmp, gguf_type)
         os.replace(tmp, out)
     except OSError as e:
@@ -624,12 +642,13 @@ def _hf_model(folder: Path, config: dict):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = True):
-    """llama.cpp's model for ``path`` (f32 KV cache, so the check sees the weights' precision alone)."""
+def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = True, f32_cache: bool = True):
+    """llama.cpp's model for ``path``; ``f32_cache``: an f32 KV cache, so a check sees the weights' precision alone
+    (otherwise llama.cpp's default, f16, as users run it)."""
     llama_cpp = _require_llama_cpp()
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           logits_all=logits_all, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                           type_v=llama_cpp.GGML_TYPE_F32, seed=0)
+                           logits_all=logits_all, verbose=False, seed=0, **cache)
 
 
 def llama_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -659,14 +678,15 @@ def llama_cpp_perplexity(path: str | Path, tokens: torch.Tensor, seq_len: int = 
     return {"ppl": math.exp(nll / count), "windows": n, "seq_len": seq_len, "seconds": time.perf_counter() - t0}
 
 
-def llama_cpp_speed(path: str | Path, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
+def llama_cpp_speed(path: str | Path, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 5,
                     threads: int | None = None, seed: int = 0) -> dict:
-    """Prefill and cached-decode tokens/s of the GGUF ``path`` in llama.cpp at batch 1 (``dms_llm.evaluation.speed``'s
-    protocol: a random prompt, greedy steps of one token, best of ``repeats`` after a warm-up)."""
+    """Prefill and cached-decode tokens/s of the GGUF ``path`` in llama.cpp at batch 1 with its default (f16) KV
+    cache (``dms_llm.evaluation.speed``'s protocol: a random prompt, greedy steps of one token, best of ``repeats``
+    after a warm-up)."""
     import time
 
     llm = open_llama(Path(path), n_ctx=prompt_len + new_tokens + 8, threads=threads or os.cpu_count() or 1,
-                     logits_all=False)
+                     logits_all=False, f32_cache=False)
     vocab = llm.n_vocab()
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
     best_prefill = best_decode = float("inf")

@@ -28,9 +28,9 @@ import torch
 from .data import calibration_windows, check_source, evaluation_tokens
 from .errors import DMSError, flag
 from .evaluation import perplexity
-from .exporter import ExportResult, build_pruned_model, export
+from .exporter import ExportResult, build_pruned_model, check_per_layer_support, export
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
-from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_output, write_gguf
+from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_family, check_gguf_output, write_gguf
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
@@ -265,6 +265,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     load_device = "cpu" if config.fsdp else default_device(job.device)  # FSDP moves each shard to its process's device
     model, tokenizer, source_dir = load_model(job.model, dtype=job.dtype, device=load_device,
                                               trust_remote_code=job.trust_remote_code, device_map=job.device_map)
+    if not config.uniform:
+        check_per_layer_support(model)
+    if job.gguf is not None:  # before the search: a family llama.cpp cannot run stops now, not after an hour
+        check_gguf_family(model.config.to_dict(), job.model)
     calib = calibration_windows(tokenizer, job.calib, job.seq_len, job.num_samples, seed=config.seed)
     logger.info("calibration: %d windows of %d tokens from %s", len(calib), job.seq_len, job.calib)
     tokens = _evaluation_tokens(tokenizer, job)
@@ -339,6 +343,8 @@ def finetune_checkpoint(job: FinetuneJob, progress: bool = True) -> FinetuneRun 
         raise ModelLoadError(f"{job.model} is not a local folder; download the export first "
                              f"(hf download {job.model} --local-dir DIR) and finetune DIR")
     info = load_structure_file(source_dir)  # fails early on a folder that is not a dms-llm export
+    if job.gguf is not None:
+        check_gguf_family(json.loads((source_dir / "config.json").read_text()), job.model)
     out = check_output_dir(job.out, source_dir, job.overwrite or job.resume)
     teacher_name = None if job.no_teacher else (job.teacher or info.get("base_model"))
     if not job.no_teacher and not teacher_name:

@@ -10,7 +10,8 @@ peer table's calibration and search; MLP widths in multiples of --channel-multip
 Each is written as GGUF of each --types (dense also of each --dense-types) by ``dms_llm.gguf_export.write_gguf``,
 which checks it in llama.cpp; then llama.cpp measures the file: perplexity on the first --windows windows of 2048
 tokens of --eval-data (the peer table's windows and scoring), prefill and decode tokens/s at batch 1 (128-token
-prompt, 32 greedy tokens, best of 3) with --threads threads. Run it alone on the machine: the speeds are timings.
+prompt, 64 greedy tokens, best of 5, f16 KV cache) with --threads threads. Run it alone on the machine: the speeds
+are timings.
 Writes benchmarks/gguf<tag>.json, benchmarks/gguf<tag>_ppl_vs_size.png and the marked section of BENCHMARKS.md.
 Exported folders and GGUF files go to --work-dir (kept, so a rerun measures without writing again).
 """
@@ -191,7 +192,8 @@ lines = [START, "", title, "",
          f"{args.num_samples} x {args.seq_len}), {args.steps} search steps, MLP widths in multiples of "
          f"{args.channel_multiple}, + reconstruction. Perplexity in llama.cpp on the first {windows} windows of 2048 "
          f"tokens of `{Path(args.eval_data).name}` (same token ids and scoring as the peer table); HF fp32 = the same "
-         f"model in transformers. Speed: llama.cpp, batch 1, 128-token prompt, 32 greedy tokens, best of 3. "
+         f"model in transformers. Speed: llama.cpp, batch 1, 128-token prompt, 64 greedy tokens, best of 5, f16 KV "
+         f"cache. "
          f"Command: `{command}`.", "",
          "| model | keep | type | file MiB | ppl llama.cpp | ppl HF fp32 | prefill tok/s | decode tok/s | "
          "decode x dense | bytes x dense |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

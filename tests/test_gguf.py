@@ -276,3 +276,72 @@ def test_prune_with_a_quantized_gguf_rounds_widths_so_every_tensor_quantizes(tmp
     again = subprocess.run(args + ["--gguf", "q8_0"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "out-q8_0.gguf exists" in again.stderr and "--overwrite" in again.stderr
     assert not out.exists() and path.is_file()
+
+
+def family_model(family: str):
+    """A tiny random model of another family (tests/test_families.py), with the BPE vocabulary and sharp q/k."""
+    from .test_families import tiny as tiny_family
+
+    model = tiny_family(family)
+    if family == "mistral":
+        model.config.sliding_window = 48  # longer than the logits compared below, shorter than the check text
+    model.resize_token_embeddings(VOCAB)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1)
+        if not model.config.tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama3"])
+@pytest.mark.parametrize("shape", ["per-layer", "uniform"])
+def test_llama_cpp_reproduces_other_families(tmp_path, bpe_tokenizer, family, shape):
+    """Qwen2 (q/k/v biases, permuted with their rows), Mistral (its window becomes the declared context), Llama 3
+    (rope_freqs): llama.cpp's logits equal the export's."""
+    from .test_families import removals
+
+    model = family_model(family)
+    if shape == "per-layer":
+        structure = removals(model)
+    else:
+        structure = Structure.dense(ModelShape.from_model(model))
+        for layer in structure.layers:
+            layer.kv_heads, layer.channels = layer.kv_heads[:1], layer.channels[:64]
+    folder = export(model, structure, tmp_path / "pruned", tokenizer=bpe_tokenizer).path
+    result = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert result.architecture == ("deci" if shape == "per-layer" else "llama")
+    ids = [0] + bpe_tokenizer(CHECK_TEXT[:200]).input_ids[:40]
+    got, expected = _cpp_and_hf_logits(result.path, folder, ids, shape == "per-layer")
+    assert (got - expected).abs().max() <= 1e-3
+    reader = gguf.GGUFReader(str(result.path))
+    names = {t.name for t in reader.tensors}
+    assert any(n.endswith("attn_q.bias") for n in names) == (family == "qwen2")
+    assert ("rope_freqs.weight" in names) == (family == "llama3")
+    context = reader.fields[f"{result.architecture}.context_length"].contents()
+    assert context == (48 if family == "mistral" else 256)
+
+
+def test_families_llama_cpp_cannot_express_are_refused(tmp_path, bpe_tokenizer):
+    from .test_families import removals
+
+    model = family_model("qwen3")
+    for name, structure in [("per-layer", removals(model)), ("uniform", Structure.dense(ModelShape.from_model(model)))]:
+        folder = export(model, structure, tmp_path / name, tokenizer=bpe_tokenizer).path
+        with pytest.raises(DMSError, match="'qwen3' model.*Llama, Mistral and Qwen2.*q/k norms"):
+            write_gguf(folder, tmp_path / f"{name}.gguf", "f32")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_prune_gguf_of_a_family_llama_cpp_cannot_run_stops_before_the_search(tmp_path, bpe_tokenizer, text_file):
+    dense = tmp_path / "dense"
+    family_model("qwen3").save_pretrained(dense)
+    bpe_tokenizer.save_pretrained(dense)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "dms_llm", "prune", str(dense), "--keep", "0.85", "--steps", "3", "--seq-len", "32",
+            "--num-samples", "4", "--calib", str(text_file), "--no-eval", "--out", str(out), "--quiet", "--gguf", "f16"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "'qwen3' model" in proc.stderr and "q/k norms" in proc.stderr, proc.stderr[-2000:]
+    assert "step 1/" not in proc.stdout + proc.stderr and not out.exists()

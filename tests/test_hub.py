@@ -220,3 +220,44 @@ def test_the_card_says_whether_the_reconstruction_was_kept(pruned_folder):
     info["reconstruction"]["check"] = {**check, "repaired": 2.0, "kept": "sliced"}
     card = render_model_card(info)
     assert "refit by least squares" not in card and "reconstruction was tried and undone" in card
+
+
+def test_the_cards_load_lines_run_silently_where_dms_llm_is_not_installed(pruned_folder, tmp_path):
+    """The card's "Load" block, as written, in a terminal (transformers asks about custom code only there), from a
+    copy of the folder without dms-llm: no question about running code, no warning about model types."""
+    import pty
+    import select
+
+    card = (pruned_folder / "README.md").read_text()
+    block = card.split("## Load")[1].split("```python\n")[1].split("```")[0]
+    assert "AutoTokenizer.from_pretrained(path, trust_remote_code=True)" in block
+    copy = shutil.copytree(pruned_folder, tmp_path / "elsewhere" / "model")
+    code = ("import importlib.abc, sys\n"
+            "class NoDmsLlm(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'dms_llm':\n"
+            "            raise ImportError('dms_llm is not installed on this machine')\n"
+            "sys.meta_path.insert(0, NoDmsLlm())\n"
+            + block + "print('LOADED', type(model).__name__, type(tokenizer).__name__)\n")
+    master, slave = pty.openpty()
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, cwd=copy, env=env)
+    os.close(slave)
+    output = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0 and "LOADED DMSLlamaForCausalLM" in text, text[-3000:]
+    assert "Do you wish to run the custom code" not in text and "You are using a model of type" not in text, text

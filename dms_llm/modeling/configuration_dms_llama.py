@@ -1,4 +1,5 @@
-"""Config of a Llama whose layers have their own widths (written by dms-llm's per-layer export).
+"""Config of a Llama-family decoder whose layers have their own widths (written by dms-llm's per-layer export of
+Llama, Mistral, Qwen2 and Qwen3 models: the features that tell these families apart are fields of the config).
 
 Self-contained: needs only ``transformers``, so the checkpoint loads with ``trust_remote_code=True`` on machines
 without dms-llm."""
@@ -16,6 +17,11 @@ class DMSLlamaConfig(LlamaConfig):
     layer_intermediate_sizes: MLP width of each layer (0 = the layer has no MLP block).
     output_bias: every kept attention block's ``o_proj`` and MLP block's ``down_proj`` has a bias (written by
         dms-llm's reconstruction, which compensates what pruning removed).
+    source_model_type: the family the weights came from (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
+    qkv_bias: ``q_proj``, ``k_proj`` and ``v_proj`` have biases, ``o_proj`` not (Qwen2); ``attention_bias`` (Llama's
+        option) puts one on all four.
+    qk_norm: an RMSNorm over each query and key head before the rotary embedding (Qwen3).
+    sliding_window: every attention block sees only the last ``sliding_window`` tokens (Mistral; None = full).
     """
 
     model_type = "dms_llama"
@@ -23,6 +29,10 @@ class DMSLlamaConfig(LlamaConfig):
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
     output_bias: bool = False
+    source_model_type: str = "llama"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self, **kwargs):
         n = self.num_hidden_layers

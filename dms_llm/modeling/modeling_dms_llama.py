@@ -1,5 +1,6 @@
-"""A Llama whose layers have their own widths, with removed attention / MLP blocks absent (dms-llm per-layer
-export). Reuses transformers' Llama modules; needs only ``transformers`` (load with ``trust_remote_code=True``).
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) whose layers have their own widths, with removed attention
+/ MLP blocks absent (dms-llm per-layer export). Built from transformers' own modules, chosen by the config's
+features (biases, q/k norms, sliding window); needs only ``transformers`` (load with ``trust_remote_code=True``).
 """
 
 import copy
@@ -8,14 +9,14 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
     LlamaForCausalLM,
     LlamaMLP,
-    LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+from transformers.models.mistral.modeling_mistral import MistralModel
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from .configuration_dms_llama import DMSLlamaConfig
 
@@ -28,15 +29,25 @@ def _with(config, **values):
     return layer_config
 
 
-class DMSLlamaAttention(LlamaAttention):
+class DMSLlamaAttention(Qwen3Attention):
+    """transformers' Qwen3 attention (Llama's, plus per-head q/k norms and a sliding window), sized for one layer;
+    without ``qk_norm`` the norms are identities, so it computes Llama's / Mistral's / Qwen2's attention."""
+
     def __init__(self, config: DMSLlamaConfig, layer_idx: int, num_kv_heads: int):
         group = config.num_attention_heads // config.num_key_value_heads
         super().__init__(
             _with(config, num_attention_heads=num_kv_heads * group, num_key_value_heads=num_kv_heads), layer_idx
         )
         self.config = config  # share the model's config (attention implementation switches apply here too)
-        if config.output_bias:
-            self.o_proj = nn.Linear(self.o_proj.in_features, self.o_proj.out_features, bias=True)
+        q, kv = self.q_proj.out_features, self.k_proj.out_features
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, q, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv, bias=qkv_bias)
+        self.o_proj = nn.Linear(q, config.hidden_size, bias=config.attention_bias or config.output_bias)
+        if not config.qk_norm:
+            self.q_norm = self.k_norm = nn.Identity()
+        self.sliding_window = config.sliding_window
 
 
 class DMSLlamaMLP(LlamaMLP):
@@ -93,7 +104,7 @@ class DMSLlamaModel(DMSLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    forward = LlamaModel.forward
+    forward = MistralModel.forward  # Llama's, with Mistral's sliding-window mask when the config has a window
 
 
 class DMSLlamaForCausalLM(DMSLlamaPreTrainedModel, GenerationMixin):

@@ -1,0 +1,178 @@
+"""Every supported family (Llama 3, Mistral, Qwen2, Qwen3) per layer and uniform, on tiny random configs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from dms_llm.exporter import ExportError, check_per_layer_support, export
+from dms_llm.gates import hard_masked
+from dms_llm.resources import ResourceModel, count_parameters
+from dms_llm.search import PruneConfig, prune
+from dms_llm.structure import ModelShape, Structure
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, head_dim=16, tie_word_embeddings=False)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+FAMILIES = {
+    "llama3": lambda: LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),  # shorter than the test sequences
+    "qwen2": lambda: Qwen2Config(**{**COMMON, "num_key_value_heads": 4, "tie_word_embeddings": True}),  # MHA, biases
+    "qwen3": lambda: Qwen3Config(**COMMON),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():  # spread norms and biases so that every feature changes the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def removals(model) -> Structure:
+    """Narrowed heads and channels, layer 0's attention removed, an MLP removed, a whole layer removed."""
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[0].kv_heads = []
+    s.layers[0].channels = s.layers[0].channels[:40]
+    s.layers[1].kv_heads = s.layers[1].kv_heads[1:]
+    s.layers[1].channels = []
+    s.layers[2].kv_heads, s.layers[2].channels = [], []
+    return s
+
+
+def masked_logits(model, structure, ids):
+    with torch.no_grad(), hard_masked(model, structure):
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_export_matches_masked_model_and_decodes(tmp_path, family):
+    model = tiny(family)
+    s = removals(model)
+    out = export(model, s, tmp_path / "p")
+    assert not out.uniform
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["model_type"] == "dms_llama" and config["source_model_type"] == model.config.model_type
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p", trust_remote_code=True)
+    assert count_parameters(reloaded) == ResourceModel(ModelShape.from_model(model)).of_structure(s) == out.params
+    ids = torch.randint(0, 128, (2, 24))  # longer than Mistral's window of 8
+    assert (reloaded(input_ids=ids).logits - masked_logits(model, s, ids)).abs().max() <= 1e-4
+    prompt = ids[:1, :12]  # incremental decoding (KV cache, past the window) equals a full forward
+    generated = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        full = reloaded(input_ids=generated).logits[0, 11:-1].argmax(-1)
+    assert torch.equal(generated[0, 12:], full)
+
+
+def test_features_are_carried_and_matter(tmp_path):
+    """The window, the q/k norms, the qkv biases and Llama 3's rope are each used: changing one changes the logits."""
+    ids = torch.randint(0, 128, (1, 24))
+    for family, key, value in [("mistral", "sliding_window", None), ("qwen3", "qk_norm", False),
+                               ("qwen2", "qkv_bias", False), ("llama3", "rope_parameters", {"rope_type": "default",
+                                                                                            "rope_theta": 500000.0})]:
+        model = tiny(family)
+        s = removals(model)
+        folder = export(model, s, tmp_path / family).path
+        good = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)(input_ids=ids).logits
+        config = json.loads((folder / "config.json").read_text())
+        assert config[key] != value, (family, key)
+        config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        bad = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)(input_ids=ids).logits
+        assert (bad - good).abs().max() > 1e-3, (family, key)
+
+
+def test_per_layer_export_loads_without_dms_llm(tmp_path):
+    """A copy of the folder loads where dms-llm is not installed (only transformers), with the same logits."""
+    model = tiny("qwen3")
+    s = removals(model)
+    folder = export(model, s, tmp_path / "p").path
+    copy = shutil.copytree(folder, tmp_path / "elsewhere" / "copy")
+    ids = torch.randint(0, 128, (1, 16))
+    torch.save({"ids": ids, "logits": masked_logits(model, s, ids)}, tmp_path / "expected.pt")
+    code = f"""
+import sys, torch
+sys.modules['dms_llm'] = None  # importing dms_llm fails here
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(copy)!r}, trust_remote_code=True)
+e = torch.load({str(tmp_path / 'expected.pt')!r})
+assert (m(input_ids=e['ids']).logits - e['logits']).abs().max() <= 1e-4
+print('ok')
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "elsewhere")
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("uniform", [False, True])
+def test_search_meets_budget_and_exports(tmp_path, family, uniform, calib):
+    model = tiny(family)
+    shape = ModelShape.from_model(model)
+    assert ResourceModel(shape).dense() == count_parameters(model)
+    result = prune(model, calib, PruneConfig(keep=0.75, steps=4, warmup_steps=1, uniform=uniform), progress=False)
+    assert result.met_budget
+    assert result.structure.is_uniform() or not uniform
+    out = export(model, result.structure, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out.path, trust_remote_code=not out.uniform)
+    if out.uniform:
+        assert type(reloaded) is type(model)
+    assert count_parameters(reloaded) == result.pruned_resource
+    ids = calib[:1]
+    assert (reloaded(input_ids=ids).logits - masked_logits(model, result.structure, ids)).abs().max() <= 1e-4
+
+
+def test_mixed_attention_windows_stop_per_layer_export_with_advice(tmp_path):
+    config = Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    s = Structure.dense(ModelShape.from_model(model))
+    s.layers[0].channels = s.layers[0].channels[:8]
+    with pytest.raises(ExportError, match="--uniform"):
+        export(model, s, tmp_path / "p")
+    with pytest.raises(ExportError, match="mixes attention windows.*--uniform"):  # what prune checks before searching
+        check_per_layer_support(model)
+    assert not (tmp_path / "p").exists()
+    s.layers[2].kv_heads = s.layers[3].kv_heads = []  # only full-attention blocks kept: one window, exportable
+    reloaded = AutoModelForCausalLM.from_pretrained(export(model, s, tmp_path / "p").path, trust_remote_code=True)
+    ids = torch.randint(0, 128, (1, 20))
+    assert (reloaded(input_ids=ids).logits - masked_logits(model, s, ids)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reconstruction_lowers_block_errors_and_the_repaired_export_reloads(tmp_path, family):
+    from dms_llm.exporter import build_pruned_model
+    from dms_llm.reconstruct import ReconstructConfig, reconstruct
+    from dms_llm.training import kl_divergence
+
+    model = tiny(family)
+    s = Structure.dense(ModelShape.from_model(model))  # narrower blocks everywhere, one removed
+    s.layers[0].channels = s.layers[0].channels[:48]
+    s.layers[1].kv_heads = s.layers[1].kv_heads[:1]
+    s.layers[2].channels = []
+    s.layers[3].channels = s.layers[3].channels[::3]
+    windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    pruned = build_pruned_model(model, s, output_bias=True)
+
+    def gap():
+        with torch.no_grad():
+            return kl_divergence(pruned(input_ids=windows).logits, model(input_ids=windows).logits).item()
+
+    before = gap()
+    report = reconstruct(pruned, model, s, windows, ReconstructConfig(samples=None), progress=False)
+    assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
+    assert gap() < before
+    out = export(model, s, tmp_path / "r", pruned=pruned)
+    reloaded = AutoModelForCausalLM.from_pretrained(out.path, trust_remote_code=True)
+    with torch.no_grad():
+        assert (reloaded(input_ids=windows[:2]).logits - pruned(input_ids=windows[:2]).logits).abs().max() <= 1e-4
+    assert count_parameters(reloaded) == out.params
