@@ -1,6 +1,7 @@
 """GGUF files for llama.cpp: every export shape written, loaded by llama.cpp (llama-cpp-python) and compared with the
 Hugging Face export's logits; the tokenizer copied or built; quantization through llama.cpp; bad inputs."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -345,3 +346,31 @@ def test_prune_gguf_of_a_family_llama_cpp_cannot_run_stops_before_the_search(tmp
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "'qwen3' model" in proc.stderr and "q/k norms" in proc.stderr, proc.stderr[-2000:]
     assert "step 1/" not in proc.stdout + proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("family,arch", [("qwen2", "qwen2"), ("mistral", "llama")])
+def test_gguf_files_of_other_families_load_like_the_embedded_default(tmp_path, bpe_tokenizer, family, arch,
+                                                                      monkeypatch):
+    """A Qwen2 GGUF (llama.cpp's own qwen2 architecture: neox rotary, q/k unpermuted, as llama.cpp's converter writes
+    it) and a Mistral one (architecture llama) load through dms-llm's GGUF path (transformers dequantizes them) with
+    the model's logits."""
+    import dms_llm.gguf_export as writer
+    from dms_llm.loading import load_model
+
+    model = family_model(family)
+    model.config.sliding_window = None
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
+    if arch == "qwen2":
+        layout = writer._layout
+        monkeypatch.setattr(writer, "_layout", lambda config: dataclasses.replace(layout(config), arch="qwen2"))
+        monkeypatch.setattr(writer, "_permute", lambda w, n_head: w)
+    path = write_gguf(folder, tmp_path / f"{family}.gguf", "f32").path
+    monkeypatch.undo()
+    loaded, tokenizer, _ = load_model(str(path))
+    assert loaded.config.model_type == arch  # a Mistral GGUF is a llama one, as llama.cpp's converter writes it
+    ids = torch.tensor([bpe_tokenizer(CHECK_TEXT[:120]).input_ids])
+    assert len(tokenizer) == VOCAB  # (transformers rebuilds a qwen2 GGUF's tokenizer with Qwen2's own split rule)
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
