@@ -18,7 +18,7 @@ from torch import nn
 from .folder import ExportError, check_output_dir, check_same_logits, default_atol, probe_logits, write_checkpoint
 from .gates import hard_masked
 from .resources import ResourceModel, count_parameters
-from .structure import ModelShape, Structure, decoder_layers
+from .structure import ModelShape, Structure, decoder_layers, layer_windows
 
 DROP_CONFIG_KEYS = ("quantization_config", "auto_map", "architectures", "_name_or_path", "transformers_version",
                     "model_type", "layer_num_key_value_heads", "layer_intermediate_sizes", "dtype", "torch_dtype")
@@ -117,16 +117,6 @@ def check_per_layer_support(model: nn.Module) -> None:
         raise ExportError(f"{type(model).__name__} mixes attention windows across layers ({sorted(windows, key=str)}); "
                           f"dms-llm's per-layer format has one window for all blocks. Search with --uniform (the "
                           f"stock class keeps each layer's window)")
-
-
-def layer_windows(config) -> list[int | None]:
-    """The attention window of every layer of a source config (None = full attention): Qwen2/3 say it per layer in
-    ``layer_types``, Mistral has one ``sliding_window`` for all."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, list):
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * config.num_hidden_layers
 
 
 def _sliding_window(config, attention_layers: list[int]) -> int | None:

@@ -1,9 +1,9 @@
 """Run a Llama-family model one decoder layer (or one block) at a time over calibration windows.
 
 The reconstruction and the layer-wise peers (Wanda-sp, SLEB) need the residual stream between blocks, not only the
-logits: :class:`LayerRunner` holds the rotary embeddings and the causal mask once and applies a layer's attention
-block, MLP block or the final norm and LM head to a stream kept in fp32 (the blocks run in the model's dtype).
-A block that a per-layer export removed (``None``) adds nothing.
+logits: :class:`LayerRunner` holds the rotary embeddings and the causal masks (one per attention window) once and
+applies a layer's attention block, MLP block or the final norm and LM head to a stream kept in fp32 (the blocks run
+in the model's dtype). A block that a per-layer export removed (``None``) adds nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .structure import decoder_layers
+from .structure import decoder_layers, layer_windows
 
 
 class LayerRunner:
@@ -20,7 +20,9 @@ class LayerRunner:
     ``batch_size`` windows."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4):
-        from transformers.masking_utils import create_causal_mask
+        import copy
+
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         self.model = model
         self.layers = decoder_layers(model)
@@ -30,8 +32,16 @@ class LayerRunner:
         one = model.get_input_embeddings()(self.batches[0][:1])  # rotary and mask broadcast over the batch
         positions = torch.arange(one.shape[1], device=self.device)[None]
         self.rotary = model.model.rotary_emb(one, position_ids=positions)
-        self.mask = create_causal_mask(config=model.config, inputs_embeds=one, attention_mask=None, cache=None,
-                                       position_ids=positions)
+        masks = {}  # one causal mask per attention window the layers use (None: full attention)
+        windows = layer_windows(model.config)
+        for window in set(windows):
+            config, make = model.config, create_causal_mask
+            if window is not None:
+                config, make = copy.copy(model.config), create_sliding_window_causal_mask
+                config.sliding_window = window
+            masks[window] = make(config=config, inputs_embeds=one, attention_mask=None, cache=None,
+                                 position_ids=positions)
+        self._masks = {id(layer): masks[w] for layer, w in zip(self.layers, windows)}
 
     def embed(self) -> list[torch.Tensor]:
         """The residual stream entering the first layer, one fp32 tensor per batch."""
@@ -42,7 +52,7 @@ class LayerRunner:
         if layer.self_attn is None:
             return torch.zeros_like(hidden)
         x = layer.input_layernorm(hidden.to(self.dtype))
-        out = layer.self_attn(hidden_states=x, position_embeddings=self.rotary, attention_mask=self.mask)
+        out = layer.self_attn(hidden_states=x, position_embeddings=self.rotary, attention_mask=self._masks[id(layer)])
         return (out[0] if isinstance(out, tuple) else out).float()
 
     def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

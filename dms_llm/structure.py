@@ -93,6 +93,16 @@ class ModelShape:
         return [g for g in range(1, self.num_kv_heads + 1) if self.hidden_size % (g * self.heads_per_group) == 0]
 
 
+def layer_windows(config) -> list[int | None]:
+    """The attention window of every layer of a source config (None = full attention): Qwen2/3 say it per layer in
+    ``layer_types``, Mistral has one ``sliding_window`` for all."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list):
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * config.num_hidden_layers
+
+
 def decoder_layers(model: nn.Module):
     """The ``nn.ModuleList`` of decoder layers of a causal LM, or None."""
     inner = getattr(model, "model", None)

@@ -176,3 +176,21 @@ def test_reconstruction_lowers_block_errors_and_the_repaired_export_reloads(tmp_
     with torch.no_grad():
         assert (reloaded(input_ids=windows[:2]).logits - pruned(input_ids=windows[:2]).logits).abs().max() <= 1e-4
     assert count_parameters(reloaded) == out.params
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_by_block_runner_reproduces_the_model(family):
+    """The reconstruction's (and the layer-wise peers') block-by-block forward computes the model's own loss, the
+    attention window included (sequences longer than Mistral's)."""
+    from dms_llm.layerwise import LayerRunner
+
+    model = tiny(family)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    run = LayerRunner(model, ids, batch_size=2)
+    (hidden,) = run.embed()
+    with torch.no_grad():
+        for layer in run.layers:
+            hidden = run.layer(layer, hidden)
+        nll, count = run.nll(hidden, ids)
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(nll / count - expected) <= 1e-4
