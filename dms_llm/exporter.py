@@ -22,6 +22,11 @@ from .structure import ModelShape, Structure, decoder_layers, layer_windows
 
 DROP_CONFIG_KEYS = ("quantization_config", "auto_map", "architectures", "_name_or_path", "transformers_version",
                     "model_type", "layer_num_key_value_heads", "layer_intermediate_sizes", "dtype", "torch_dtype")
+# what each block owns in a layer's state dict (index: the model has sandwich norms, Gemma 3)
+ATTENTION_KEYS = {False: ("self_attn.", "input_layernorm."),
+                  True: ("self_attn.", "input_layernorm.", "post_attention_layernorm.")}
+MLP_KEYS = {False: ("mlp.", "post_attention_layernorm."),
+            True: ("mlp.", "pre_feedforward_layernorm.", "post_feedforward_layernorm.")}
 PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types the per-layer format describes
 FAMILY_ONLY_KEYS = ("use_sliding_window", "max_window_layers", "layer_types", "sliding_window")  # said otherwise there
 
@@ -45,9 +50,9 @@ def _slice_layer(state: dict, layer_structure, shape: ModelShape) -> dict:
     ch = torch.tensor(layer_structure.channels, dtype=torch.long)
     out = {}
     for key, value in state.items():
-        if key.startswith(("self_attn.", "input_layernorm.")) and not layer_structure.kv_heads:
+        if key.startswith(ATTENTION_KEYS[shape.sandwich_norms]) and not layer_structure.kv_heads:
             continue
-        if key.startswith(("mlp.", "post_attention_layernorm.")) and not layer_structure.channels:
+        if key.startswith(MLP_KEYS[shape.sandwich_norms]) and not layer_structure.channels:
             continue
         if key.startswith("self_attn.q_proj."):
             value = value.index_select(0, q_rows)
@@ -109,6 +114,10 @@ def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = Fa
 def check_per_layer_support(model: nn.Module) -> None:
     """ExportError, before any search, when a per-layer export of ``model`` could not be written."""
     model_type = getattr(model.config, "model_type", None)
+    if model_type == "gemma3_text":
+        raise ExportError("Gemma 3's layers alternate sliding-window and global attention, each with its own rotary "
+                          "embedding, and add a norm after every block; dms-llm's per-layer format does not describe "
+                          "them yet. Search with --uniform (a stock Gemma3ForCausalLM)")
     if model_type not in PER_LAYER_FAMILIES:
         raise ExportError(f"per-layer export supports {', '.join(PER_LAYER_FAMILIES)} models, not "
                           f"{model_type!r}; search with --uniform (a stock checkpoint of the source's class)")

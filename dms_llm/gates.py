@@ -35,11 +35,15 @@ class MaskHooks:
         self.masks: dict[str, torch.Tensor] = {}
         self._handles = []
         for idx, layer in enumerate(decoder_layers(model)):
+            # a block's depth gate scales what it adds to the stream: after its output norm where it has one (Gemma 3;
+            # gating before an RMSNorm would be undone by it)
+            attn_out, mlp_out = ((layer.post_attention_layernorm, layer.post_feedforward_layernorm)
+                                 if shape.sandwich_norms else (layer.self_attn, layer.mlp))
             self._handles += [
                 layer.self_attn.o_proj.register_forward_pre_hook(self._heads_hook(idx)),
                 layer.mlp.down_proj.register_forward_pre_hook(self._channels_hook(idx)),
-                layer.self_attn.register_forward_hook(self._depth_hook(idx, "attn_depth")),
-                layer.mlp.register_forward_hook(self._depth_hook(idx, "mlp_depth")),
+                attn_out.register_forward_hook(self._depth_hook(idx, "attn_depth")),
+                mlp_out.register_forward_hook(self._depth_hook(idx, "mlp_depth")),
             ]
 
     def _heads_hook(self, idx):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .structure import decoder_layers, layer_windows
+from .structure import SANDWICH_NORM_TYPES, decoder_layers, layer_windows
 
 
 class LayerRunner:
@@ -31,7 +31,14 @@ class LayerRunner:
         self.batches = [windows[i: i + batch_size].to(self.device) for i in range(0, len(windows), batch_size)]
         one = model.get_input_embeddings()(self.batches[0][:1])  # rotary and mask broadcast over the batch
         positions = torch.arange(one.shape[1], device=self.device)[None]
-        self.rotary = model.model.rotary_emb(one, position_ids=positions)
+        types = getattr(model.config, "layer_types", None)
+        if model.config.model_type == "gemma3_text":  # one rotary embedding per attention type
+            rotary = {t: model.model.rotary_emb(one, positions, t) for t in set(types)}
+            self._rotary = {id(layer): rotary[t] for layer, t in zip(self.layers, types)}
+        else:
+            rotary = model.model.rotary_emb(one, position_ids=positions)
+            self._rotary = {id(layer): rotary for layer in self.layers}
+        self.sandwich = model.config.model_type in SANDWICH_NORM_TYPES
         masks = {}  # one causal mask per attention window the layers use (None: full attention)
         windows = layer_windows(model.config)
         for window in set(windows):
@@ -52,14 +59,27 @@ class LayerRunner:
         if layer.self_attn is None:
             return torch.zeros_like(hidden)
         x = layer.input_layernorm(hidden.to(self.dtype))
-        out = layer.self_attn(hidden_states=x, position_embeddings=self.rotary, attention_mask=self._masks[id(layer)])
-        return (out[0] if isinstance(out, tuple) else out).float()
+        out = layer.self_attn(hidden_states=x, position_embeddings=self._rotary[id(layer)],
+                              attention_mask=self._masks[id(layer)])
+        out = out[0] if isinstance(out, tuple) else out
+        return (layer.post_attention_layernorm(out) if self.sandwich else out).float()
 
     def mlp(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """What the MLP block of ``layer`` adds to the stream ``hidden`` (zeros when it was removed)."""
         if layer.mlp is None:
             return torch.zeros_like(hidden)
+        if self.sandwich:
+            x = layer.pre_feedforward_layernorm(hidden.to(self.dtype))
+            return layer.post_feedforward_layernorm(layer.mlp(x)).float()
         return layer.mlp(layer.post_attention_layernorm(hidden.to(self.dtype))).float()
+
+    def output_norm(self, layer: nn.Module, block: str):
+        """What a block's output projection's result passes before it joins the stream (identity, or Gemma 3's
+        post-block norm)."""
+        if not self.sandwich:
+            return lambda y: y
+        norm = layer.post_attention_layernorm if block == "attention" else layer.post_feedforward_layernorm
+        return lambda y: norm(y.to(self.dtype)).float()
 
     def layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The stream after the whole decoder layer."""
@@ -69,6 +89,9 @@ class LayerRunner:
     def nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token negative log-likelihood of the final stream, and the number of predicted tokens."""
         logits = self.model.lm_head(self.model.model.norm(hidden.to(self.dtype))).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma's
+            logits = torch.tanh(logits / cap) * cap
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         return float(loss), ids[:, 1:].numel()
 

@@ -19,7 +19,9 @@ A block removed entirely (a layer, or the attention or MLP of one) computes noth
 kept block after it takes over what it added (``absorb_removed``): the removed blocks' outputs P, computed by the dense
 blocks on the pruned stream as the dense model would continue it, join that block's target, Y = Z W0^T + P.
 No bias is needed, so every export format carries it; removed blocks after the last kept one have nothing to take
-them over (logged).
+them over (logged). Where a norm follows each block's output (Gemma 3), Y is the dense projection's own output and the
+stream advances through that norm; a removed block's output cannot be folded into a normed block's target, so
+there is no take-over.
 
 The repair checks itself on calibration windows it did not fit (``check_windows``, 4 after the ``samples`` it reads):
 the KL of the next-token distributions to the dense model's, sliced weights against repaired ones. A repair that
@@ -290,7 +292,7 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
         for block in ("attention", "mlp"):
             module = None if target is None else (target.self_attn if block == "attention" else target.mlp)
             if module is None:  # removed: the pruned stream passes unchanged; the next kept block takes it over
-                if config.absorb_removed:
+                if config.absorb_removed and not run.sandwich:  # (not through a norm: Gemma 3)
                     virtual = stream if pending is None else [h + p for h, p in zip(stream, pending)]
                     outputs = [getattr(run, block)(layer, h) for h in virtual]
                     pending = outputs if pending is None else [p + o for p, o in zip(pending, outputs)]
@@ -301,13 +303,16 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
             sums, features = _Normal(len(kept), dense_proj.out_features, stream[0].device), []
             for b, h in enumerate(stream):
                 z, y = run_seeing_input(dense_proj, lambda: getattr(run, block)(layer, h))
+                if run.sandwich:  # the target is the projection's own output, before the block's output norm
+                    y = dense_proj(z).float()
                 x = z[..., kept]
                 sums.add(x, y if pending is None else y + pending[b])
                 features.append(x)
             proj = module.o_proj if block == "attention" else module.down_proj
             report.append({"layer": i, "block": block, "absorbs": absorbed,
                            **_refit(dense_proj, proj, kept, sums, config, f"layer {i} {block}")})
-            stream = [h + proj(x).float() for h, x in zip(stream, features)]
+            after = run.output_norm(target, block)  # identity, or Gemma 3's post-block norm
+            stream = [h + after(proj(x).float()) for h, x in zip(stream, features)]
             pending, absorbed = None, []
     if absorbed:
         logger.info("reconstruction: no kept block after %s to take over what they added", ", ".join(absorbed))

@@ -3,7 +3,7 @@ differentiable in the operators' ``a`` for the search (DESIGN.md §3).
 
 Counted like LLM-Pruner and the DMS paper: every parameter, embeddings and norms included (a tied LM head once).
 A removed attention block takes its ``input_layernorm`` with it, a removed MLP block its
-``post_attention_layernorm``.
+``post_attention_layernorm`` (Gemma 3: each block has an input and an output norm, and takes both).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ class ResourceModel:
         if self.kind == "params":
             return {
                 "fixed": s.vocab_size * H * (1 if s.tie_word_embeddings else 2) + H,
-                "attn_fixed": H
+                "attn_fixed": H * (2 if s.sandwich_norms else 1)  # input (and Gemma's output) norm
                 + (H if (s.attention_bias and s.model_type != "qwen2") or self.output_bias else 0)  # o_proj bias
-                + (2 * d if s.model_type == "qwen3" else 0),  # Qwen3's q_norm / k_norm
+                + (2 * d if s.qk_norm else 0),  # Qwen3's / Gemma 3's q_norm, k_norm
                 "per_group": per_group_w + ((r + 2) * d if s.attention_bias else 0),
-                "mlp_fixed": H + (H if s.mlp_bias or self.output_bias else 0),
+                "mlp_fixed": H * (2 if s.sandwich_norms else 1) + (H if s.mlp_bias or self.output_bias else 0),
                 "per_channel": per_channel_w + (2 if s.mlp_bias else 0),
                 "per_group_attention": 0.0,
             }

@@ -13,7 +13,9 @@ from torch import nn
 
 from .errors import DMSError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "dms_llama")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "dms_llama")
+SANDWICH_NORM_TYPES = ("gemma3_text",)  # a norm after each block's output too (post_attention / post_feedforward)
+QK_NORM_TYPES = ("qwen3", "gemma3_text")  # an RMSNorm over each query and key head
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -39,6 +41,15 @@ class ModelShape:
     model_type: str = "llama"
 
     @property
+    def sandwich_norms(self) -> bool:
+        """Each block's output passes a norm before it joins the stream (Gemma 3), so a block's gate sits after it."""
+        return self.model_type in SANDWICH_NORM_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type in QK_NORM_TYPES
+
+    @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -49,7 +60,7 @@ class ModelShape:
         arch = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
         supported = (
             "decoder-only Llama-family models whose layers have self_attn.{q,k,v,o}_proj and "
-            "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3)"
+            "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3; Gemma 3 text models with --uniform)"
         )
         if model_type == "dms_llama":
             raise UnsupportedModelError(

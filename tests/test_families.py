@@ -194,3 +194,98 @@ def test_block_by_block_runner_reproduces_the_model(family):
         nll, count = run.nll(hidden, ids)
         expected = model(input_ids=ids, labels=ids).loss.item()
     assert abs(nll / count - expected) <= 1e-4
+
+
+# Gemma 3 text models: uniform only (the per-layer format has one attention window; Gemma alternates two)
+def tiny_gemma(seed: int = 0):
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6, "tie_word_embeddings": True}, sliding_window=8,
+                              query_pre_attn_scalar=16)
+    assert config.layer_types.count("sliding_attention") == 5  # Gemma's 5:1 pattern, window shorter than the tests
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)  # Gemma's norms scale by 1 + weight
+    return model
+
+
+def test_gemma3_uniform_search_exports_a_stock_checkpoint_that_decodes(tmp_path, calib):
+    model = tiny_gemma()
+    shape = ModelShape.from_model(model)
+    assert shape.sandwich_norms and ResourceModel(shape).dense() == count_parameters(model)
+    result = prune(model, calib, PruneConfig(keep=0.7, steps=4, warmup_steps=1, uniform=True), progress=False)
+    assert result.met_budget and result.structure.is_uniform()
+    s = Structure.dense(shape)  # also a fixed structure that removes a sliding and the global layer
+    for layer in s.layers:
+        layer.kv_heads, layer.channels = layer.kv_heads[:1], layer.channels[:48]
+    s.layers[1].kv_heads = s.layers[1].channels = s.layers[5].kv_heads = s.layers[5].channels = []
+    for structure, name in ((result.structure, "searched"), (s, "fixed")):
+        out = export(model, structure, tmp_path / name)
+        reloaded = AutoModelForCausalLM.from_pretrained(out.path)
+        assert type(reloaded) is type(model) and count_parameters(reloaded) == out.params
+        ids = torch.randint(0, 128, (2, 24))
+        assert (reloaded(input_ids=ids).logits - masked_logits(model, structure, ids)).abs().max() <= 1e-4
+    assert reloaded.config.layer_types == ["sliding_attention"] * 4
+    generated = reloaded.generate(ids[:1, :12], max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(generated[0, 12:], reloaded(input_ids=generated).logits[0, 11:-1].argmax(-1))
+
+
+def test_gemma3_gates_act_after_the_block_norms_and_the_runner_reproduces_the_model():
+    """A depth gate before Gemma's post-block RMSNorm would be undone by it: half a gate must halve the block."""
+    from dms_llm.gates import MaskHooks
+    from dms_llm.layerwise import LayerRunner
+
+    model = tiny_gemma()
+    shape = ModelShape.from_model(model)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    hooks = MaskHooks(model, shape)
+    outputs = []  # what layer 0's attention block adds to the stream, as gated
+    seen = model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, a, out: outputs.append(out))
+    for value in (0.0, 0.5, 1.0):
+        hooks.masks = {"attn_depth": torch.tensor([value] + [1.0] * 5)}
+        with torch.no_grad():
+            model(input_ids=ids)
+    hooks.remove()
+    seen.remove()
+    assert outputs[0].abs().max() == 0 and outputs[2].abs().max() > 1e-2
+    assert torch.allclose(outputs[1], outputs[2] / 2, atol=1e-5)  # half the gate, half the block
+    run = LayerRunner(model, ids, batch_size=2)
+    (hidden,) = run.embed()
+    with torch.no_grad():
+        for layer in run.layers:
+            hidden = run.layer(layer, hidden)
+        nll, count = run.nll(hidden, ids)
+        assert abs(nll / count - model(input_ids=ids, labels=ids).loss.item()) <= 1e-4
+
+
+def test_gemma3_reconstruction_lowers_block_errors_and_per_layer_is_refused_with_advice(tmp_path):
+    from dms_llm.exporter import build_pruned_model
+    from dms_llm.reconstruct import ReconstructConfig, reconstruct
+    from dms_llm.training import kl_divergence
+
+    model = tiny_gemma()
+    s = Structure.dense(ModelShape.from_model(model))
+    for layer in s.layers:
+        layer.kv_heads, layer.channels = layer.kv_heads[:1], layer.channels[::2]
+    s.layers[2].kv_heads = s.layers[2].channels = []
+    windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    pruned = build_pruned_model(model, s)
+
+    def gap():
+        with torch.no_grad():
+            return kl_divergence(pruned(input_ids=windows).logits, model(input_ids=windows).logits).item()
+
+    before = gap()
+    report = reconstruct(pruned, model, s, windows, ReconstructConfig(samples=None), progress=False)
+    assert len(report["blocks"]) == 10 and not any(r["absorbs"] for r in report["blocks"])
+    assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
+    assert gap() < before
+    s.layers[0].channels = s.layers[0].channels[:8]  # per layer
+    with pytest.raises(ExportError, match="Gemma 3.*--uniform"):
+        check_per_layer_support(model)
+    with pytest.raises(ExportError, match="--uniform"):
+        export(model, s, tmp_path / "p")
