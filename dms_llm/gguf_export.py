@@ -555,6 +555,9 @@ def write_gguf(
     _require_tools()
     folder = Path(folder).expanduser().resolve()
     config, info = _read_folder(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise DMSError(f"{folder} holds no tokenizer (tokenizer.json); the GGUF carries one and its check compares "
+                       f"tokenizations: save it beside the model (tokenizer.save_pretrained(folder)) and run again")
     out = _check_output(Path(out) if out else default_gguf_path(folder, gguf_type), folder, overwrite)
     layout = _layout(config)
     tensors = _tensors(folder)
