@@ -152,7 +152,6 @@ def test_mixed_attention_windows_stop_per_layer_export_with_advice(tmp_path):
 def test_reconstruction_lowers_block_errors_and_the_repaired_export_reloads(tmp_path, family):
     from dms_llm.exporter import build_pruned_model
     from dms_llm.reconstruct import ReconstructConfig, reconstruct
-    from dms_llm.training import kl_divergence
 
     model = tiny(family)
     s = Structure.dense(ModelShape.from_model(model))  # narrower blocks everywhere, one removed
@@ -163,14 +162,10 @@ def test_reconstruction_lowers_block_errors_and_the_repaired_export_reloads(tmp_
     windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
     pruned = build_pruned_model(model, s, output_bias=True)
 
-    def gap():
-        with torch.no_grad():
-            return kl_divergence(pruned(input_ids=windows).logits, model(input_ids=windows).logits).item()
-
-    before = gap()
+    before = kl_gap(pruned, model, windows)
     report = reconstruct(pruned, model, s, windows, ReconstructConfig(samples=None), progress=False)
     assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
-    assert gap() < before
+    assert kl_gap(pruned, model, windows) < before
     out = export(model, s, tmp_path / "r", pruned=pruned)
     reloaded = AutoModelForCausalLM.from_pretrained(out.path, trust_remote_code=True)
     with torch.no_grad():
@@ -182,18 +177,29 @@ def test_reconstruction_lowers_block_errors_and_the_repaired_export_reloads(tmp_
 def test_block_by_block_runner_reproduces_the_model(family):
     """The reconstruction's (and the layer-wise peers') block-by-block forward computes the model's own loss, the
     attention window included (sequences longer than Mistral's)."""
-    from dms_llm.layerwise import LayerRunner
-
     model = tiny(family)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    run = LayerRunner(model, ids, batch_size=2)
+    assert abs(runner_loss(model, ids) - model(input_ids=ids, labels=ids).loss.item()) <= 1e-4
+
+
+@torch.no_grad()
+def runner_loss(model, ids) -> float:
+    """The mean next-token loss of ``model`` on ``ids``, computed block by block by the LayerRunner."""
+    from dms_llm.layerwise import LayerRunner
+
+    run = LayerRunner(model, ids, batch_size=len(ids))
     (hidden,) = run.embed()
-    with torch.no_grad():
-        for layer in run.layers:
-            hidden = run.layer(layer, hidden)
-        nll, count = run.nll(hidden, ids)
-        expected = model(input_ids=ids, labels=ids).loss.item()
-    assert abs(nll / count - expected) <= 1e-4
+    for layer in run.layers:
+        hidden = run.layer(layer, hidden)
+    nll, count = run.nll(hidden, ids)
+    return nll / count
+
+
+@torch.no_grad()
+def kl_gap(student, teacher, ids) -> float:
+    from dms_llm.training import kl_divergence
+
+    return kl_divergence(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
 
 
 # Gemma 3 text models: uniform only (the per-layer format has one attention window; Gemma alternates two)
@@ -237,7 +243,6 @@ def test_gemma3_uniform_search_exports_a_stock_checkpoint_that_decodes(tmp_path,
 def test_gemma3_gates_act_after_the_block_norms_and_the_runner_reproduces_the_model():
     """A depth gate before Gemma's post-block RMSNorm would be undone by it: half a gate must halve the block."""
     from dms_llm.gates import MaskHooks
-    from dms_llm.layerwise import LayerRunner
 
     model = tiny_gemma()
     shape = ModelShape.from_model(model)
@@ -253,19 +258,13 @@ def test_gemma3_gates_act_after_the_block_norms_and_the_runner_reproduces_the_mo
     seen.remove()
     assert outputs[0].abs().max() == 0 and outputs[2].abs().max() > 1e-2
     assert torch.allclose(outputs[1], outputs[2] / 2, atol=1e-5)  # half the gate, half the block
-    run = LayerRunner(model, ids, batch_size=2)
-    (hidden,) = run.embed()
     with torch.no_grad():
-        for layer in run.layers:
-            hidden = run.layer(layer, hidden)
-        nll, count = run.nll(hidden, ids)
-        assert abs(nll / count - model(input_ids=ids, labels=ids).loss.item()) <= 1e-4
+        assert abs(runner_loss(model, ids) - model(input_ids=ids, labels=ids).loss.item()) <= 1e-4
 
 
 def test_gemma3_reconstruction_lowers_block_errors_and_per_layer_is_refused_with_advice(tmp_path):
     from dms_llm.exporter import build_pruned_model
     from dms_llm.reconstruct import ReconstructConfig, reconstruct
-    from dms_llm.training import kl_divergence
 
     model = tiny_gemma()
     s = Structure.dense(ModelShape.from_model(model))
@@ -275,15 +274,11 @@ def test_gemma3_reconstruction_lowers_block_errors_and_per_layer_is_refused_with
     windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
     pruned = build_pruned_model(model, s)
 
-    def gap():
-        with torch.no_grad():
-            return kl_divergence(pruned(input_ids=windows).logits, model(input_ids=windows).logits).item()
-
-    before = gap()
+    before = kl_gap(pruned, model, windows)
     report = reconstruct(pruned, model, s, windows, ReconstructConfig(samples=None), progress=False)
     assert len(report["blocks"]) == 10 and not any(r["absorbs"] for r in report["blocks"])
     assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
-    assert gap() < before
+    assert kl_gap(pruned, model, windows) < before
     s.layers[0].channels = s.layers[0].channels[:8]  # per layer
     with pytest.raises(ExportError, match="Gemma 3.*--uniform"):
         check_per_layer_support(model)
@@ -298,18 +293,14 @@ def test_finetune_and_eval_take_every_family_per_layer(family):
     import dms_llm
     from dms_llm.exporter import build_pruned_model
     from dms_llm.recovery import FinetuneConfig, finetune
-    from dms_llm.training import kl_divergence
 
     dense = tiny(family)
     pruned = build_pruned_model(dense, removals(dense))
     windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
 
-    def gap():
-        with torch.no_grad():
-            return kl_divergence(pruned(input_ids=windows).logits, dense(input_ids=windows).logits).item()
-
-    before, shapes = gap(), {k: v.shape for k, v in pruned.state_dict().items()}
+    before, shapes = kl_gap(pruned, dense, windows), {k: v.shape for k, v in pruned.state_dict().items()}
     finetune(pruned, windows, FinetuneConfig(tokens=20 * 4 * 32, lora=True, lr=5e-3), teacher=dense, progress=False)
-    assert gap() < 0.7 * before and {k: v.shape for k, v in pruned.state_dict().items()} == shapes
+    assert kl_gap(pruned, dense, windows) < 0.7 * before
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes
     ppl = dms_llm.perplexity(pruned, tokens=windows.flatten(), seq_len=32, max_windows=4, progress=False)["ppl"]
     assert 1 < ppl < 1e4

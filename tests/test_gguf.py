@@ -47,6 +47,11 @@ def bpe_tokenizer():
 
 def tiny(**kwargs):
     model = tiny_llama(**kwargs)
+    return with_bpe_vocabulary(model)
+
+
+def with_bpe_vocabulary(model):
+    """``model`` resized to the BPE vocabulary, with random rows and sharp q/k weights."""
     model.resize_token_embeddings(VOCAB)
     with torch.no_grad():  # resized rows are random too, so every token's logits mean something
         model.get_input_embeddings().weight.normal_(0, 1)
@@ -291,15 +296,7 @@ def family_model(family: str):
     model = tiny_family(family)
     if family == "mistral":
         model.config.sliding_window = 48  # longer than the logits compared below, shorter than the check text
-    model.resize_token_embeddings(VOCAB)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 1)
-        if not model.config.tie_word_embeddings:
-            model.get_output_embeddings().weight.normal_(0, 0.3)
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.normal_(0, 0.3)
-    return model
+    return with_bpe_vocabulary(model)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "llama3"])
