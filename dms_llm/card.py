@@ -88,6 +88,8 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         f"MLP channels kept per layer: {info.get('kept_mlp_channels')}", "",
         "![kept structure per layer](dms_structure.png)", "",
     ]
+    if info.get("warning"):
+        lines += ["## Quality warning", "", info["warning"], ""]
     ppl = {k: v for k, v in (info.get("perplexity") or {}).items() if v}
     if ppl:
         lines += ["## Perplexity", "", "| model | perplexity | data |", "| --- | --- | --- |"]

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows")
     p.add_argument("--uniform", action="store_true",
                    help="equal widths per layer and whole-layer removal: saves a stock checkpoint")
+    p.add_argument("--no-search-depth", dest="search_depth", action="store_false",
+                   help="keep every layer (--uniform) or block (per-layer): search the widths only")
+    p.add_argument("--depth-check", type=int, default=16,
+                   help="calibration windows on which the searched depth is scored against removing fewer layers / "
+                        "blocks at the same budget (the best is kept; 0 = off)")
     p.add_argument("--resource", default="params", choices=["params", "macs"], help="what the budget counts")
     p.add_argument("--mlp-unit", type=int, default=1, help="MLP channels ranked together (1: each on its own)")
     p.add_argument("--channel-multiple", type=int, default=None,

@@ -150,13 +150,16 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
             parts.append("--no-eval")
         elif value is True:
             parts.append(flag(name))
+        elif value is False and default is True:  # an on-by-default setting turned off: --no-<name>
+            parts.append("--no-" + flag(name).removeprefix("--"))
         elif value not in (False, None):
             parts += [flag(name), shlex.quote(str(value))]
     return " ".join(parts)
 
 
-PRUNE_FLAGS = ("keep", "target", "resource", "uniform", "mlp_unit", "channel_multiple", "steps", "batch_size", "lr",
-               "resource_weight", "lm_loss_weight", "seed", "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
+PRUNE_FLAGS = ("keep", "target", "resource", "uniform", "search_depth", "depth_check", "mlp_unit", "channel_multiple",
+               "steps", "batch_size", "lr", "resource_weight", "lm_loss_weight", "seed", "mixed_precision", "fsdp",
+               "joint", "joint_lr", "lora_rank")
 FINETUNE_FLAGS = ("tokens", "batch_size", "lr", "lora", "lora_rank", "lora_alpha", "kl_weight", "lm_loss_weight",
                   "seed", "mixed_precision")
 
@@ -203,6 +206,20 @@ def _perplexities(models: dict, tokens: torch.Tensor, job) -> dict:
                     r["seq_len"])
         results[label] = {**r, "data": str(job.eval_data)}
     return results
+
+
+QUALITY_RATIO = 3.0  # pruned / dense perplexity above which a prune warns (keep 0.8 of SmolLM2: 1.3 on pydoc-heldout)
+
+
+def quality_warning(ppl: dict) -> str | None:
+    """A warning when the pruned model's perplexity is more than :data:`QUALITY_RATIO` times the dense model's on
+    the job's evaluation data (held-out calibration text by default), with what to try; None otherwise."""
+    dense, pruned = (ppl.get("dense") or {}).get("ppl"), (ppl.get("pruned") or {}).get("ppl")
+    if not dense or not pruned or pruned <= QUALITY_RATIO * dense:
+        return None
+    return (f"perplexity {pruned:.2f} is {pruned / dense:.1f}x the dense model's {dense:.2f} on "
+            f"{Path(str(ppl['pruned'].get('data'))).name} (above {QUALITY_RATIO:g}x): this model is far from the dense "
+            f"one. Try a larger keep, recovery (`dms-llm finetune`), or more calibration windows (--num-samples).")
 
 
 def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
@@ -292,7 +309,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
                    "target_resource": result.target_resource, "uniform": config.uniform},
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
-                   "step_cost": _step_cost(result, reference),
+                   "step_cost": _step_cost(result, reference), "depth_check": result.depth_check,
                    "calibration": str(job.calib), "seq_len": job.seq_len, "num_samples": job.num_samples,
                    "config": config.settings()},
         "base_model": base_model_reference(job.model),
@@ -309,6 +326,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         }
     if ppl:
         metadata["perplexity"] = ppl
+    warning = quality_warning(ppl)
+    if warning:
+        logger.warning(warning)
+        metadata["warning"] = warning
     log = "".join(json.dumps(h) + "\n" for h in result.history)
     exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
                       overwrite=job.overwrite or job.resume, metadata=metadata, pruned=pruned,

@@ -37,6 +37,14 @@ def prune_report(run, model: str) -> str:
     kind = "uniform, stock config" if run.export.uniform else "per-layer, trust_remote_code"
     lines = [f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),
              markdown_table(("", "dense", "pruned", "pruned/dense"), rows)]
+    checked = (info.get("search") or {}).get("depth_check") or []
+    chosen = next((c for c in checked if c["chosen"]), None)
+    if chosen and checked.index(chosen):
+        removed = ", ".join(f"{v} {k}" for k, v in chosen["removed"].items())
+        lines.append(f"depth check: removing fewer blocks ({removed}) scored better than the searched depth on the "
+                     f"calibration windows, and was kept")
+    if info.get("warning"):
+        lines.append("WARNING: " + info["warning"])
     return "\n".join(lines + ([gguf_report(run.gguf)] if run.gguf else []))
 
 

@@ -9,6 +9,13 @@ disabled) and are merged into the weights at the end. ``r_t`` decays exponential
 target over the first part of the search, then holds; the search stops at ``steps`` or once the hard structure
 meets the target and has not changed for ``patience`` steps. A final common shift of every ``a`` makes the hard
 structure use the budget: the returned structure always meets it.
+
+The depth check (docs/DESIGN.md §3): removing a whole layer or block is the step the gradient sees least well (its
+first-order importance underestimates what the block's removal costs), so after the search the same budget is also
+spent with fewer removed blocks (3/4, 1/2, 1/4 and none of the searched removals, most important first; the widths
+refit to the budget by the same common shift), each candidate is scored on the search's own loss on calibration
+windows with hard masks, and the lowest wins. The all-blocks candidate is the width-only structure of the search,
+so the result is never worse than it on that loss.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import DMSError
-from .gates import DMSGates
+from .gates import DMSGates, hard_masked
 from .resources import ResourceModel
 from .structure import ModelShape, Structure, decoder_layers
 from .training import (
@@ -58,6 +65,8 @@ class PruneConfig(TrainingConfig):
     resource: str = "params"  # or "macs" (per sequence of macs_seq_len tokens)
     macs_seq_len: int = 2048
     uniform: bool = False
+    search_depth: bool = True  # False: keep every layer and block, search widths only
+    depth_check: int = 16  # calibration windows scoring the searched depth against fewer removals (0 = off)
     mlp_unit: int = 1  # MLP channels ranked together; 1 = each on its own (groups of 8 cost ~15% perplexity)
     channel_multiple: int = 8  # kept MLP widths are multiples of this (kernel-friendly shapes)
     steps: int = 200
@@ -93,6 +102,8 @@ class PruneConfig(TrainingConfig):
             raise DMSError(f"`mlp_unit` must be at least 1, got {self.mlp_unit}")
         if self.channel_multiple < 1:
             raise DMSError(f"`channel_multiple` must be at least 1, got {self.channel_multiple}")
+        if self.depth_check < 0:
+            raise DMSError(f"`depth_check` is a number of calibration windows (0 = off), got {self.depth_check}")
         if self.fsdp and self.joint:
             raise DMSError("joint mode (LoRA) with FSDP is not supported: use DDP (no `fsdp`) or a single process")
 
@@ -127,21 +138,25 @@ class PruneResult:
     steps_run: int
     history: list[dict] = field(default_factory=list)
     weights_updated: bool = False  # joint mode: LoRA merged into the model's weights
+    depth_check: list[dict] = field(default_factory=list)  # the candidates scored after the search, chosen marked
+    candidates: list[Structure] = field(default_factory=list)  # their structures, in the same order
 
     @property
     def met_budget(self) -> bool:
         return self.pruned_resource <= self.target_resource
 
 
-def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int) -> Structure:
-    """Shift every ``a`` by the same amount (up or down) to the smallest shift whose hard structure fits
-    ``target``: a structure above the budget is cut to it, one well below it gets the unused budget back."""
-    base = {n: op.ratio.detach().clone() for n, op in gates.operators.items()}
+def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int, hold: tuple[str, ...] = ()) -> Structure:
+    """Shift every ``a`` (except those of the operators named in ``hold``) by the same amount (up or down) to the
+    smallest shift whose hard structure fits ``target``: a structure above the budget is cut to it, one well below
+    it gets the unused budget back."""
+    base = {n: op.ratio.detach().clone() for n, op in gates.operators.items() if n not in hold}
 
     def apply(delta: float) -> Structure:
         with torch.no_grad():
-            for n, op in gates.operators.items():
-                op.ratio.copy_((base[n] + delta).clamp(0.0, op.max_ratio))
+            for n, ratio in base.items():
+                op = gates.operators[n]
+                op.ratio.copy_((ratio + delta).clamp(0.0, op.max_ratio))
         return gates.hard_structure()
 
     lo, hi = -1.0, 1.0  # cost is non-increasing in delta; apply(1.0) is the minimum, which meets any valid target
@@ -151,9 +166,83 @@ def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int) -> Stru
             hi = mid
         else:
             lo = mid
-    if abs(hi) > 1e-6:
+    if abs(hi) > 1e-6 and not hold:
         logger.info("shifted every pruning ratio by %+.4f so the hard structure uses the budget", hi)
     return apply(hi)
+
+
+DEPTH_OPERATORS = ("layer_depth", "attn_depth", "mlp_depth")
+DEPTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # of the searched removals, tried by the depth check
+
+
+def depth_candidates(gates: DMSGates, resource: ResourceModel, target: int,
+                     fractions: tuple[float, ...] = DEPTH_FRACTIONS) -> list[tuple[dict, Structure]]:
+    """The searched structure at the budget, then the same budget with only ``fractions`` of its removed layers
+    (uniform) or blocks (per-layer) removed — the least important ones, by the search's own ranking — and the widths
+    shifted to use what is left. Returns ``({operator: blocks removed}, structure)`` pairs, distinct, each within
+    ``target``; the first is the searched structure."""
+    searched = {n: op.ratio.detach().clone() for n, op in gates.operators.items()}
+    structures = [({}, fit_to_budget(gates, resource, target))]
+    depth = [n for n in DEPTH_OPERATORS if n in gates.operators]
+    counts = gates.kept_counts()
+    removed = {n: gates.operators[n].num_units - int(counts[n][0]) for n in depth}
+    structures[0] = (removed, structures[0][1])
+    seen = {tuple(removed.values())}
+    for f in fractions:
+        fewer = {n: int(math.floor(f * r + 0.5)) for n, r in removed.items()}
+        if tuple(fewer.values()) in seen:
+            continue
+        seen.add(tuple(fewer.values()))
+        with torch.no_grad():
+            for n, op in gates.operators.items():
+                op.ratio.copy_(searched[n])
+            for n, r in fewer.items():
+                gates.operators[n].ratio.fill_(r / gates.operators[n].num_units)
+        structure = fit_to_budget(gates, resource, target, hold=tuple(depth))
+        if resource.of_structure(structure) <= target:  # else the widths cannot absorb the budget: no candidate
+            structures.append((fewer, structure))
+    with torch.no_grad():
+        for n, op in gates.operators.items():
+            op.ratio.copy_(searched[n])
+    return structures
+
+
+@torch.no_grad()
+def calibration_losses(model: nn.Module, structures: list[Structure], windows: torch.Tensor,
+                       lm_weight: float = 1.0) -> list[float]:
+    """The search's task loss, KL(dense || pruned) + ``lm_weight`` * LM, of each structure (as hard masks on
+    ``model``) averaged over ``windows`` (N, T); the dense logits are computed once per window."""
+    device = input_device(model)
+    totals = [0.0] * len(structures)
+    for ids in windows.split(1):
+        ids = ids.to(device)
+        teacher = model(input_ids=ids, use_cache=False).logits
+        for i, structure in enumerate(structures):
+            with hard_masked(model, structure):
+                student = model(input_ids=ids, use_cache=False).logits
+            loss = kl_divergence(student, teacher) + (lm_weight * lm_loss(student, ids) if lm_weight else 0.0)
+            totals[i] += float(loss)
+    return [t / len(windows) for t in totals]
+
+
+def check_depth(model: nn.Module, gates: DMSGates, resource: ResourceModel, target: int, windows: torch.Tensor,
+                lm_weight: float = 1.0) -> tuple[Structure, list[dict], list[Structure]]:
+    """The depth check: the lowest-loss structure of :func:`depth_candidates` on ``windows``, the record of every
+    candidate (blocks removed, parameters, loss, chosen) and the candidates' structures."""
+    candidates = depth_candidates(gates, resource, target)
+    if len(candidates) == 1:
+        return candidates[0][1], [], []
+    losses = calibration_losses(model, [s for _, s in candidates], windows, lm_weight)
+    best = min(range(len(candidates)), key=lambda i: (losses[i], i))  # ties: the searched structure
+    record = [{"removed": removed, "resource": resource.of_structure(s), "loss": round(loss, 5), "chosen": i == best}
+              for i, ((removed, s), loss) in enumerate(zip(candidates, losses))]
+    for r in record:
+        logger.info("depth check: %s removed -> loss %.4f%s", ", ".join(f"{v} {k}" for k, v in r["removed"].items()),
+                    r["loss"], " (chosen)" if r["chosen"] else "")
+    if best:
+        logger.info("depth check: removing fewer blocks than the search did scores better on %d calibration windows",
+                    len(windows))
+    return candidates[best][1], record, [s for _, s in candidates]
 
 
 def _fmt(x: float) -> str:
@@ -183,7 +272,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         alpha = config.lora_alpha or 2 * config.lora_rank
         adapters = add_lora(model, config.lora_rank, alpha) if config.joint else None
         gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit,
-                         channel_multiple=config.channel_multiple, momentum=config.importance_momentum)
+                         channel_multiple=config.channel_multiple, search_depth=config.search_depth,
+                         momentum=config.importance_momentum)
         completed, t0 = False, time.perf_counter()
         try:
             history = _search(model, gates, adapters, calib, config, resource, target, run, progress)
@@ -193,12 +283,19 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
             gates.remove()  # the operators stay usable below; only the hooks go
             if adapters is not None:  # merged when the search completed, else removed: the model is as it was given
                 adapters.merge_and_unload() if completed else adapters.unload()
+        # the depth check compares against the dense model: not after joint training (its weights changed) or
+        # on weights sharded over processes
+        if config.depth_check and not config.joint and not sharded:
+            structure, checked, candidates = check_depth(model, gates, resource, target, calib[:config.depth_check],
+                                                         config.lm_loss_weight)
+        else:
+            structure, checked, candidates = fit_to_budget(gates, resource, target), [], []
         seconds = time.perf_counter() - t0
-    structure = fit_to_budget(gates, resource, target)
     return PruneResult(
         structure=structure, dense_resource=dense, target_resource=target,
         pruned_resource=resource.of_structure(structure), search_seconds=seconds,
-        steps_run=len(history), history=history, weights_updated=adapters is not None,
+        steps_run=len(history), history=history, weights_updated=adapters is not None, depth_check=checked,
+        candidates=candidates,
     )
 
 
@@ -328,4 +425,5 @@ def _key(structure: Structure) -> list:
     return [(tuple(x.kv_heads), tuple(x.channels)) for x in structure.layers]
 
 
-__all__ = ["BudgetError", "PruneConfig", "PruneResult", "fit_to_budget", "prune"]
+__all__ = ["BudgetError", "PruneConfig", "PruneResult", "calibration_losses", "check_depth", "depth_candidates",
+           "fit_to_budget", "prune"]

@@ -175,3 +175,36 @@ def test_rerun_after_an_interruption_says_what_it_found(dense_folder, text_file,
     from dms_llm.errors import as_flags
 
     assert "run again with --resume" in as_flags(message)  # how the command line shows it
+
+
+def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp_path):
+    """On-by-default settings turned off (--no-search-depth, --no-reconstruct) are part of the recorded command."""
+    out = tmp_path / "out"
+    args = _prune_args(dense_folder, text_file, out) + ["--no-search-depth", "--no-reconstruct", "--depth-check", "2"]
+    assert cli.main(args) == 0
+    info = json.loads((out / "dms_structure.json").read_text())
+    assert "--no-search-depth" in info["command"] and "--no-reconstruct" in info["command"]
+    recorded = cli.build_parser().parse_args(shlex.split(info["command"])[1:])
+    given = cli.build_parser().parse_args(args)
+    assert {k: v for k, v in vars(recorded).items() if k != "quiet"} == \
+        {k: v for k, v in vars(given).items() if k != "quiet"}
+    assert info["num_layers_after"] == info["num_layers_before"] and info["search"]["depth_check"] == []
+
+
+def test_a_model_far_worse_than_dense_is_flagged_in_the_report_and_the_card():
+    from dms_llm.card import render_model_card
+    from dms_llm.pipeline import QUALITY_RATIO, quality_warning
+
+    def ppl(dense, pruned):
+        return {label: {"ppl": v, "data": "/x/wiki.test.raw", "windows": 8, "seq_len": 2048}
+                for label, v in (("dense", dense), ("pruned", pruned))}
+
+    assert quality_warning(ppl(20.0, 20.0 * QUALITY_RATIO)) is None
+    assert quality_warning({}) is None
+    warning = quality_warning(ppl(20.0, 142.0))
+    assert "7.1x" in warning and "wiki.test.raw" in warning and "dms-llm finetune" in warning
+    info = {"base_model": "x/y", "format": "uniform (stock config)", "params_before": 10, "params_after": 5,
+            "perplexity": ppl(20.0, 142.0), "warning": warning}
+    card = render_model_card(info)
+    assert "## Quality warning" in card and warning in card
+    assert "Quality warning" not in render_model_card({**info, "warning": None})

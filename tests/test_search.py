@@ -183,3 +183,57 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(gqa_model, calib, tmp_path
     assert state["step"] == 2 and len(state["history"]) == 2
     assert all(torch.isfinite(v).all() for v in state["gates"].values() if v.is_floating_point())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in gqa_model.modules())
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_depth_candidates_spend_the_same_budget_with_fewer_removals(gqa_model, calib, uniform):
+    from dms_llm.gates import DMSGates
+    from dms_llm.search import depth_candidates
+
+    shape = ModelShape.from_model(gqa_model)
+    res = ResourceModel(shape)
+    target = int(0.4 * res.dense())
+    gates = DMSGates(gqa_model, uniform=uniform)
+    with torch.no_grad():  # a searched state that removes blocks: the last layers least important
+        for name, op in gates.operators.items():
+            op.set_importance(torch.rand(op.rows, op.num_units, generator=torch.Generator().manual_seed(1)))
+            op.ratio.fill_(0.5 if "depth" in name else 0.2)
+    candidates = depth_candidates(gates, res, target)
+    gates.remove()
+    removed = [sum(r.values()) for r, _ in candidates]
+    assert removed[0] > 0 and removed == sorted(removed, reverse=True) and removed[-1] == 0
+    for r, structure in candidates:
+        structure.validate(shape)
+        assert res.of_structure(structure) <= target
+        assert sum(not layer.kv_heads for layer in structure.layers) == r.get("attn_depth", r.get("layer_depth", 0))
+        assert sum(not layer.channels for layer in structure.layers) == r.get("mlp_depth", r.get("layer_depth", 0))
+        assert structure.is_uniform() or not uniform
+    # fewer removed blocks leave the budget to the widths: the all-blocks candidate is the narrowest
+    assert sum(map(len, (x.channels for x in candidates[-1][1].layers))) / shape.num_layers < \
+        max(len(x.channels) for x in candidates[0][1].layers)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_search_never_ends_worse_than_its_width_only_structure(gqa_model, calib, uniform):
+    """At a small budget: the search's result scores no worse (its own calibration loss) than keeping every layer
+    and narrowing them all — the candidate the depth check scores and a width-only search's structure."""
+    from dms_llm.search import calibration_losses
+
+    cfg = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, uniform=uniform, patience=3)
+    result = prune(gqa_model, calib, cfg, progress=False)
+    checked = result.depth_check
+    assert checked and sum(c["chosen"] for c in checked) == 1
+    assert min(c["loss"] for c in checked) == next(c["loss"] for c in checked if c["chosen"])
+    assert sum(checked[-1]["removed"].values()) == 0  # the width-only candidate was scored
+    width_only = prune(gqa_model, calib, PruneConfig(**{**cfg.__dict__, "search_depth": False}), progress=False)
+    assert all(x.kv_heads and x.channels for x in width_only.structure.layers)
+    assert width_only.depth_check == []  # nothing removed: nothing to check
+    ours, theirs = calibration_losses(gqa_model, [result.structure, width_only.structure], calib[:cfg.depth_check])
+    assert ours <= theirs + 1e-6
+    off = prune(gqa_model, calib, PruneConfig(**{**cfg.__dict__, "depth_check": 0}), progress=False)
+    assert off.depth_check == [] and off.pruned_resource <= off.target_resource
+
+
+def test_depth_check_is_validated():
+    with pytest.raises(Exception, match="depth_check"):
+        PruneConfig(keep=0.5, depth_check=-1)
