@@ -182,29 +182,36 @@ def depth_candidates(gates: DMSGates, resource: ResourceModel, target: int,
     shifted to use what is left. Returns ``({operator: blocks removed}, structure)`` pairs, distinct, each within
     ``target``; the first is the searched structure."""
     searched = {n: op.ratio.detach().clone() for n, op in gates.operators.items()}
-    structures = [({}, fit_to_budget(gates, resource, target))]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for n, op in gates.operators.items():
+            op.ratio.copy_(searched[n])
+
+    first = fit_to_budget(gates, resource, target)
     depth = [n for n in DEPTH_OPERATORS if n in gates.operators]
     counts = gates.kept_counts()
     removed = {n: gates.operators[n].num_units - int(counts[n][0]) for n in depth}
-    structures[0] = (removed, structures[0][1])
-    seen = {tuple(removed.values())}
+    structures, seen = [(removed, first)], {tuple(removed.values())}
     for f in fractions:
         fewer = {n: int(math.floor(f * r + 0.5)) for n, r in removed.items()}
         if tuple(fewer.values()) in seen:
             continue
         seen.add(tuple(fewer.values()))
+        restore()
         with torch.no_grad():
-            for n, op in gates.operators.items():
-                op.ratio.copy_(searched[n])
             for n, r in fewer.items():
                 gates.operators[n].ratio.fill_(r / gates.operators[n].num_units)
         structure = fit_to_budget(gates, resource, target, hold=tuple(depth))
         if resource.of_structure(structure) <= target:  # else the widths cannot absorb the budget: no candidate
             structures.append((fewer, structure))
-    with torch.no_grad():
-        for n, op in gates.operators.items():
-            op.ratio.copy_(searched[n])
+    restore()
     return structures
+
+
+def task_loss(kl: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, lm_weight: float) -> torch.Tensor:
+    """The search's task loss from its KL(dense || gated) term: ``kl`` + ``lm_weight`` * LM of ``student``."""
+    return kl + (lm_weight * lm_loss(student, ids) if lm_weight else 0.0)
 
 
 @torch.no_grad()
@@ -220,8 +227,7 @@ def calibration_losses(model: nn.Module, structures: list[Structure], windows: t
         for i, structure in enumerate(structures):
             with hard_masked(model, structure):
                 student = model(input_ids=ids, use_cache=False).logits
-            loss = kl_divergence(student, teacher) + (lm_weight * lm_loss(student, ids) if lm_weight else 0.0)
-            totals[i] += float(loss)
+            totals[i] += float(task_loss(kl_divergence(student, teacher), student, ids, lm_weight))
     return [t / len(windows) for t in totals]
 
 
@@ -334,7 +340,7 @@ def _search(model, gates: DMSGates, adapters, calib, config: PruneConfig, resour
         gates.begin_step("soft")
         student = model(input_ids=ids, use_cache=False).logits
         kl = kl_divergence(student, teacher)
-        task = kl + (config.lm_loss_weight * lm_loss(student, ids) if config.lm_loss_weight else 0.0)
+        task = task_loss(kl, student, ids, config.lm_loss_weight)
         r_t = dense * (target / dense) ** min(1.0, step / decay_steps)  # exponential decay to the target, then hold
         r_c = resource.of_gates(gates)
         return task + config.resource_weight * torch.clamp(torch.log(r_c / r_t), min=0.0), {"kl": kl, "r_c": r_c,
