@@ -37,6 +37,16 @@ METHODS = ("dms_per_layer", "dms_uniform", "flap", "wanda_sp", "minitron_width",
 PEERS = tuple(m for m in METHODS if not m.startswith("dms")) + ("torch_pruning",)
 
 
+def add_protocol_args(parser) -> None:
+    """The peer table's protocol flags, shared by the benchmark scripts: eval windows, search steps, calibration."""
+    parser.add_argument("--windows", type=int, default=None, help="first N eval windows (default: 8 on CPU; 0 = all)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--calib", default="wikitext2")
+    parser.add_argument("--eval-data", default="wikitext2")
+
+
 class Methods:
     """Every method of the benchmarks on one model and calibration set: its structure at a budget (cached in memory
     and, keyed by everything it depends on, on disk under ``cache_dir``), and its pruned model — as the method

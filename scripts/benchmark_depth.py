@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import Methods, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import Methods, add_protocol_args, eval_windows, machine_name, replace_section  # a sibling module
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
@@ -39,13 +39,8 @@ parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.8])
 parser.add_argument("--modes", nargs="+", default=["uniform", "per_layer"], choices=["uniform", "per_layer"])
 parser.add_argument("--width-only-keeps", type=float, nargs="*", default=[0.5],
                     help="budgets at which a search that may not remove blocks is run too")
-parser.add_argument("--windows", type=int, default=None, help="first N eval windows (default: 8 on CPU; 0 = all)")
-parser.add_argument("--steps", type=int, default=200)
-parser.add_argument("--seq-len", type=int, default=256)
-parser.add_argument("--num-samples", type=int, default=64)
+add_protocol_args(parser)
 parser.add_argument("--recon-samples", type=int, default=32)
-parser.add_argument("--calib", default="wikitext2")
-parser.add_argument("--eval-data", default="wikitext2")
 parser.add_argument("--tag", default="", help="a name for this run's outputs (depth<tag>.json, its BENCHMARKS section)")
 parser.add_argument("--cache-dir", default=str(ROOT / ".bench-cache"))
 parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))

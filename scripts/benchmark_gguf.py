@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import Methods, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import Methods, add_protocol_args, eval_windows, machine_name, replace_section  # a sibling module
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
@@ -42,13 +42,8 @@ parser.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k_m"])
 parser.add_argument("--dense-types", nargs="*", default=["q6_k", "q5_k_m", "q3_k_m", "q2_k"],
                     help="further types for the dense model only (the harder-quantization curve)")
 parser.add_argument("--channel-multiple", type=int, default=32)
-parser.add_argument("--windows", type=int, default=None, help="first N eval windows (default: 8 on CPU; 0 = all)")
+add_protocol_args(parser)
 parser.add_argument("--threads", type=int, default=2)
-parser.add_argument("--steps", type=int, default=200)
-parser.add_argument("--seq-len", type=int, default=256)
-parser.add_argument("--num-samples", type=int, default=64)
-parser.add_argument("--calib", default="wikitext2")
-parser.add_argument("--eval-data", default="wikitext2")
 parser.add_argument("--main-export", default=None,
                     help="an export folder (the README main job's) to check at f32 and f16: HF vs llama.cpp perplexity "
                          "and greedy tokens")
