@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-path", default=None, help="folder of local lm-eval task YAML files (offline tasks)")
     e.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     e.add_argument("--batch-size", default="8", help="lm-eval batch size ('auto' on a GPU)")
+    e.add_argument("--request-cache", default=None, metavar="DIR",
+                   help="keep every zero-shot answer in lm-eval's request cache in DIR (keyed by the model's "
+                        "weights): run the same command again after an interruption and it resumes where it stopped")
     e.add_argument("--speed", action="store_true", help="measure prefill / decode throughput and memory")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 

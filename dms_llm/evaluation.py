@@ -71,18 +71,19 @@ def perplexity(
 
 def evaluate(model, tokenizer, ppl_data=("wikitext2",), seq_len: int | None = None, max_windows: int | None = None,
              tasks=None, include_path=None, limit: int | None = None, batch_size: int | str = 8,
-             measure_speed: bool = False, zeroshot_data=None, task_manager=None) -> dict:
+             measure_speed: bool = False, zeroshot_data=None, task_manager=None, request_cache=None) -> dict:
     """Evaluate an in-memory model: perplexity on every source in ``ppl_data`` (``{source: result}``), zero-shot
     accuracy on lm-eval ``tasks`` (local YAML tasks from ``include_path``; the stock tasks on local data from
-    ``zeroshot_data``; ``batch_size`` requests at a time, "auto" on a GPU), and prefill/decode speed if
-    ``measure_speed``."""
+    ``zeroshot_data``; ``batch_size`` requests at a time, "auto" on a GPU; answers kept in ``request_cache`` so an
+    interrupted run resumes), and prefill/decode speed if ``measure_speed``."""
     results: dict = {"perplexity": {str(d): perplexity(model, tokenizer, d, seq_len, max_windows)
                                     for d in ppl_data or ()}}
     if tasks:
         from .zeroshot import zero_shot
 
         results["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size,
-                                         limit=limit, data_dir=zeroshot_data, manager=task_manager)
+                                         limit=limit, data_dir=zeroshot_data, manager=task_manager,
+                                         cache=request_cache)
     if measure_speed:
         results["speed"] = speed(model)
     return results

@@ -107,6 +107,7 @@ class EvalJob(ModelSettings):
     include_path: str | None = None
     limit: int | None = None
     batch_size: str = "8"  # lm-eval batch size, or "auto"
+    request_cache: str | None = None  # folder of lm-eval's request cache: an interrupted zero-shot run resumes
     speed: bool = False
 
 
@@ -427,7 +428,8 @@ def evaluate_checkpoint(job: EvalJob, progress: bool = True) -> dict:
     batch = job.batch_size if str(job.batch_size) == "auto" else int(job.batch_size)
     results = evaluate(model, tokenizer, [eval_data] if eval_data else [], job.eval_seq_len, job.eval_windows,
                        tasks=job.tasks, include_path=job.include_path, limit=job.limit, batch_size=batch,
-                       measure_speed=job.speed, zeroshot_data=job.zeroshot_data, task_manager=manager)
+                       measure_speed=job.speed, zeroshot_data=job.zeroshot_data, task_manager=manager,
+                       request_cache=job.request_cache)
     return {"model": job.model, **results}
 
 

@@ -68,7 +68,8 @@ def evaluation_report(results: dict) -> str:
                      f"{r['seq_len']} tokens ({r['tokens']} predicted tokens, {r['seconds']:.1f} s)")
     if results.get("zero_shot"):
         rows = [(t, r["metric"], f"{100 * r['value']:.2f}",
-                 f"{100 * r['stderr']:.2f}" if r["stderr"] is not None else "n/a", str(r["n"]))
+                 f"{100 * r['stderr']:.2f}" if r["stderr"] is not None else
+                 (f"95% [{100 * r['low']:.2f}, {100 * r['high']:.2f}]" if "low" in r else "n/a"), str(r["n"]))
                 for t, r in results["zero_shot"].items()]
         lines.append(markdown_table(("task", "metric", "value (%)", "stderr (%)", "n"), rows))
     if results.get("speed"):

@@ -10,6 +10,12 @@ plain ``lm_eval`` command (``--include_path``; :func:`write_local_tasks`).
 
 Reported as LLM-Pruner and the DMS paper report them: acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for
 HellaSwag, ARC-c, OpenBookQA (acc for any other task that has it); their mean; lm-eval's standard errors.
+
+Ranking models needs more than standard errors: two models scored on the same documents are compared *paired*.
+:func:`zero_shot` keeps each document's score, and :func:`paired_difference` gives the difference of two models per
+task and for the mean over tasks with a bootstrap interval that resamples documents (the same resample for both
+models, each task resampled on its own, as the tasks' documents are independent). With ``cache`` a run keeps every
+answer the model gave in lm-eval's request cache as it goes, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -214,10 +220,30 @@ def check_tasks(tasks, include_path=None, data_dir=None):
     return manager
 
 
+def weights_fingerprint(model) -> str:
+    """A short digest of a model's configuration and weights (names, shapes, dtypes and two sums per tensor): what
+    a request cache is keyed by, so that answers of one model are never served to another."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            t = tensor.detach().double()
+            digest.update(f"{name}{tuple(t.shape)}{tensor.dtype}{t.sum().item():.10e}{t.abs().sum().item():.10e}"
+                          .encode())
+    return digest.hexdigest()[:16]
+
+
 def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_size: int | str = 8,
-              limit: int | None = None, num_fewshot: int = 0, data_dir=None, manager=None) -> dict:
-    """Accuracy of ``model`` on lm-eval ``tasks``: ``{task: {"metric", "value", "stderr", "n"}, ...}`` plus
-    ``"mean"`` over the tasks (with ``data_dir``: the stock tasks on local data; see the module docstring)."""
+              limit: int | None = None, num_fewshot: int = 0, data_dir=None, manager=None,
+              cache: str | Path | None = None) -> dict:
+    """Accuracy of ``model`` on lm-eval ``tasks``: ``{task: {"metric", "value", "stderr", "n", "scores"}, ...}``
+    (``scores``: the reported metric of each document, in document order) plus ``"mean"`` over the tasks with its
+    95% bootstrap interval (``low``, ``high``). With ``data_dir``: the stock tasks on local data (module docstring).
+    ``cache``: a folder for lm-eval's request cache of this model (keyed by :func:`weights_fingerprint`), from which
+    a run that was interrupted resumes."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -226,24 +252,76 @@ def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_si
     max_length = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=str(next(model.parameters()).device))
+    use_cache = None
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        use_cache = str(Path(cache) / f"requests-{weights_fingerprint(model)}")  # lm-eval adds _rank0.db
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                          log_samples=False, verbosity="WARNING")
+                          log_samples=True, verbosity="WARNING", use_cache=use_cache)
     results = {}
     for task in tasks:
         r = out["results"][task]
         metric = REPORTED_METRIC.get(task, "acc" if "acc,none" in r else next(k.split(",")[0] for k in r if "," in k))
         stderr = r.get(f"{metric}_stderr,none")
+        samples = sorted(out["samples"][task], key=lambda x: x["doc_id"])
         results[task] = {
             "metric": metric,
             "value": r[f"{metric},none"],
             "stderr": stderr if isinstance(stderr, (int, float)) else None,
             "n": out.get("n-samples", {}).get(task, {}).get("effective"),
+            "scores": [float(x[metric]) for x in samples],
         }
     if len(results) > 1:
+        low, high = bootstrap_interval({t: r["scores"] for t, r in results.items()})
         results["mean"] = {"metric": "mean", "value": sum(r["value"] for r in results.values()) / len(results),
-                           "stderr": None, "n": sum(r["n"] or 0 for r in results.values())}
+                           "stderr": None, "n": sum(r["n"] or 0 for r in results.values()), "low": low, "high": high}
     return results
 
 
-__all__ = ["DEFAULT_TASKS", "REPORTED_METRIC", "TaskError", "check_local_data", "check_tasks", "write_local_tasks",
-           "zero_shot"]
+def bootstrap_interval(scores: dict, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple:
+    """The ``level`` percentile-bootstrap interval of the mean over tasks of the mean per task of ``scores``
+    (``{task: [score per document]}``; documents resampled within each task). Paired differences: pass the
+    per-document differences of two models on the same documents."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for values in scores.values():
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            raise TaskError("a task without scored documents has no interval")
+        for start in range(0, resamples, 500):  # bounded memory on full splits (10,042 HellaSwag documents)
+            idx = rng.integers(0, values.size, (min(500, resamples - start), values.size))
+            total[start:start + idx.shape[0]] += values[idx].mean(axis=1)
+    total /= len(scores)
+    tail = (1 - level) / 2
+    return float(np.quantile(total, tail)), float(np.quantile(total, 1 - tail))
+
+
+def paired_difference(a: dict, b: dict, tasks=None, level: float = 0.95, resamples: int = 10_000,
+                      seed: int = 0) -> dict:
+    """``a`` minus ``b`` (two :func:`zero_shot` results on the same documents) per task and for the mean over
+    ``tasks`` (default: every task both have): ``{task: {"diff", "low", "high", "n"}, "mean": {...}}``, the intervals
+    from a paired bootstrap over documents. An interval that excludes 0 says the order of the two models on these
+    tasks is not a matter of which documents were drawn."""
+    tasks = [t for t in a if t != "mean" and t in b] if tasks is None else list(tasks)
+    diffs = {}
+    for task in tasks:
+        sa, sb = a[task].get("scores"), b[task].get("scores")
+        if sa is None or sb is None or len(sa) != len(sb):
+            raise TaskError(f"{task}: a paired comparison needs both models' scores on the same documents (got "
+                            f"{len(sa or [])} and {len(sb or [])}); score both with the same tasks, data and limit")
+        diffs[task] = [x - y for x, y in zip(sa, sb)]
+    out = {}
+    for i, (task, d) in enumerate(diffs.items()):
+        low, high = bootstrap_interval({task: d}, level, resamples, seed + i)
+        out[task] = {"diff": sum(d) / len(d), "low": low, "high": high, "n": len(d)}
+    if len(diffs) > 1:
+        low, high = bootstrap_interval(diffs, level, resamples, seed)
+        out["mean"] = {"diff": sum(v["diff"] for v in out.values()) / len(diffs), "low": low, "high": high,
+                       "n": sum(len(d) for d in diffs.values())}
+    return out
+
+
+__all__ = ["DEFAULT_TASKS", "REPORTED_METRIC", "TaskError", "bootstrap_interval", "check_local_data", "check_tasks",
+           "paired_difference", "weights_fingerprint", "write_local_tasks", "zero_shot"]

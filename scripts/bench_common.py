@@ -73,7 +73,7 @@ class Methods:
 
         if (method, keep) in self._structures:
             return self._structures[method, keep]
-        path = self.cache_dir / f"{method}-keep{keep}-{self.key}.json" if self.cache_dir else None
+        path = self._cache_path(method, keep)
         if path is not None and path.exists():
             saved = json.loads(path.read_text())  # with the seconds its search took when it was found
             found = (Structure.from_dict(saved["structure"]), saved["seconds"])
@@ -104,11 +104,23 @@ class Methods:
             structure = baselines.random_uniform(model, target)
         else:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        found = (structure, time.perf_counter() - t0)
+        return self.remember(method, keep, structure, time.perf_counter() - t0)
+
+    def _cache_path(self, method: str, keep: float) -> Path | None:
+        return self.cache_dir / f"{method}-keep{keep}-{self.key}.json" if self.cache_dir else None
+
+    def remember(self, method: str, keep: float, structure, seconds: float):
+        """Keep a structure found elsewhere (e.g. a DMS search another benchmark ran with these settings) as this
+        method's at ``keep``, in memory and in the cache, so the other benchmarks reuse it; returns (structure,
+        seconds)."""
+        import json
+
+        found = (structure, seconds)
         self._structures[method, keep] = found
+        path = self._cache_path(method, keep)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"seconds": found[1], "structure": structure.to_dict()}))
+            path.write_text(json.dumps({"seconds": seconds, "structure": structure.to_dict()}))
         return found
 
     def pruned(self, name: str, keep: float):

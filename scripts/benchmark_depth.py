@@ -65,6 +65,7 @@ same = saved.get("settings") == settings
 rows = saved.get("rows", []) if same else []
 variants = saved.get("variants", {}) if same else {}  # the candidates each search's depth check scored, by name
 resources = ResourceModel(ModelShape.from_model(model))
+methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir)  # shared with the other benchmarks
 
 
 def save() -> None:
@@ -110,6 +111,8 @@ for keep in args.keeps:
             t0 = time.perf_counter()
             result = dms_llm.prune(model, calib, config, progress=False)
             seconds = time.perf_counter() - t0
+            # the same search as the peer table's DMS rows: the zero-shot and peer benchmarks reuse what it found
+            methods.remember(f"dms_{mode}", keep, result.structure, seconds)
             checked = result.depth_check or [{"removed": {}, "loss": float("nan"), "chosen": True}]
             structures = result.candidates or [result.structure]
             names = [variant_name(c["removed"], i == 0) for i, c in enumerate(checked)]
@@ -124,7 +127,6 @@ for keep in args.keeps:
                                                                      search_depth=False), progress=False)
             add(mode, keep, "width-only search", result.structure, time.perf_counter() - t0)
     if not done("peer", keep, "minitron_width"):
-        methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir)
         structure, seconds = methods.structure("minitron_width", keep)
         add("peer", keep, "minitron_width", structure, seconds)
 save()

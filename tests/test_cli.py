@@ -56,10 +56,11 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     assert not list(tmp_path.glob(".*"))  # no temporary folders or search state left behind
     # zero-shot on the export, offline, with the built-in example task
     proc = _run("eval", str(out), "--trust-remote-code", "--tasks", "dms_example", "--limit", "8", "--json",
-                str(tmp_path / "zs.json"))
+                str(tmp_path / "zs.json"), "--request-cache", str(tmp_path / "answers"))
     assert "dms_example" in proc.stdout and "acc" in proc.stdout
     zs = json.loads((tmp_path / "zs.json").read_text())["zero_shot"]["dms_example"]
-    assert 0 <= zs["value"] <= 1 and zs["stderr"] is not None and zs["n"] == 8
+    assert 0 <= zs["value"] <= 1 and zs["stderr"] is not None and zs["n"] == 8 and len(zs["scores"]) == 8
+    assert len(list((tmp_path / "answers").glob("requests-*.db"))) == 1  # where a rerun resumes from
 
 
 @integration

@@ -13,8 +13,11 @@ from dms_llm.zeroshot import (
     DEFAULT_TASKS,
     TaskError,
     _resolved_task_dir,
+    bootstrap_interval,
     check_tasks,
+    paired_difference,
     task_manager,
+    weights_fingerprint,
     write_local_tasks,
     zero_shot,
 )
@@ -95,6 +98,63 @@ def test_zero_shot_reports_the_papers_metrics_and_their_mean(gqa_model, data):
     assert all(0 <= r["value"] <= 1 and r["n"] == 2 and r["stderr"] is not None
                for t, r in results.items() if t != "mean")
     assert results["mean"]["value"] == pytest.approx(sum(results[t]["value"] for t in DEFAULT_TASKS) / 7)
+
+
+def test_per_document_scores_make_the_accuracy_and_resume_from_the_request_cache(gqa_model, data, tmp_path,
+                                                                                     monkeypatch):
+    """Each task keeps its documents' scores (their mean is lm-eval's accuracy); the mean has an interval around it;
+    a second run with the same cache asks the model nothing and gives the same scores."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .conftest import char_tokenizer
+
+    tasks = ["piqa", "hellaswag"]
+    first = zero_shot(gqa_model, char_tokenizer(), tasks, data_dir=data, limit=3, batch_size=4, cache=tmp_path / "c")
+    for task in tasks:
+        assert len(first[task]["scores"]) == 3 and set(first[task]["scores"]) <= {0.0, 1.0}
+        assert sum(first[task]["scores"]) / 3 == pytest.approx(first[task]["value"])
+    assert first["mean"]["low"] <= first["mean"]["value"] <= first["mean"]["high"]
+    assert len(list((tmp_path / "c").glob("requests-*.db"))) == 1
+
+    def no_model(self, requests, *args, **kwargs):
+        raise AssertionError(f"{len(requests)} requests reached the model: the cache did not answer them")
+
+    monkeypatch.setattr(HFLM, "loglikelihood", no_model)
+    again = zero_shot(gqa_model, char_tokenizer(), tasks, data_dir=data, limit=3, batch_size=4, cache=tmp_path / "c")
+    assert all(again[t]["scores"] == first[t]["scores"] for t in tasks)
+
+
+def test_the_request_cache_is_keyed_by_the_weights(gqa_model):
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(gqa_model)
+    assert weights_fingerprint(other) == weights_fingerprint(gqa_model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    assert weights_fingerprint(other) != weights_fingerprint(gqa_model)
+
+
+def test_paired_difference_is_exact_for_identical_models_and_finds_a_real_gap():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = {t: {"scores": rng.integers(0, 2, 300).astype(float).tolist()} for t in ("x", "y")}
+    same = paired_difference(a, a)
+    assert all(v["diff"] == v["low"] == v["high"] == 0 for v in same.values())
+    # b = a with every 10th document made wrong (about 5% fewer right): a is better, and the paired interval says so
+    b = {t: {"scores": [0.0 if i % 10 == 0 else s for i, s in enumerate(v["scores"])]} for t, v in a.items()}
+    gap = paired_difference(a, b)
+    truth = {t: (np.array(a[t]["scores"]) - np.array(b[t]["scores"])).mean() for t in a}
+    assert gap["x"]["diff"] == pytest.approx(truth["x"])
+    assert gap["mean"]["diff"] == pytest.approx(np.mean([*truth.values()]))
+    assert 0 < gap["mean"]["low"] < gap["mean"]["diff"] < gap["mean"]["high"]
+    # unpaired, the two models' intervals overlap: pairing is what separates them
+    assert bootstrap_interval({t: v["scores"] for t, v in b.items()})[1] > bootstrap_interval(
+        {t: v["scores"] for t, v in a.items()})[0]
+    with pytest.raises(TaskError, match="same documents"):
+        paired_difference(a, {t: {"scores": v["scores"][:-1]} for t, v in a.items()})
 
 
 def test_data_folder_can_come_from_the_environment(data, monkeypatch):
