@@ -254,7 +254,11 @@ def zero_shot(model, tokenizer, tasks=DEFAULT_TASKS, include_path=None, batch_si
               device=str(next(model.parameters()).device))
     use_cache = None
     if cache is not None:
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TaskError(f"cannot use {cache} as the zero-shot request cache ({e.strerror}); give a folder that "
+                            f"can be created and written, or leave the cache off") from None
         use_cache = str(Path(cache) / f"requests-{weights_fingerprint(model)}")  # lm-eval adds _rank0.db
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                           log_samples=True, verbosity="WARNING", use_cache=use_cache)

@@ -4,7 +4,7 @@
 #      plus the SmolLM2 search wall time and all-window perplexity;
 #   2. scripts/benchmark.py on all windows (GPU decode speedup vs the bytes ratio);
 # or, with the argument `zeroshot`: scripts/benchmark_zeroshot.py on the seven tasks' full splits (bf16, batch auto;
-# resumable: a second call continues from $OUT's copy if it is carried back as benchmarks/zeroshot.json).
+# resumable across calls only if $OUT's zeroshot.json is put back in benchmarks/ before the next call: finished models are kept).
 # Results go to $OUT (BENCHMARKS.md, benchmarks/*.json, the plot) to be copied back and committed.
 set -euo pipefail
 pip install -q --no-deps .gpu/wheels/*.whl

@@ -124,6 +124,14 @@ def test_per_document_scores_make_the_accuracy_and_resume_from_the_request_cache
     assert all(again[t]["scores"] == first[t]["scores"] for t in tasks)
 
 
+def test_a_request_cache_that_cannot_be_written_says_so(gqa_model, data, tmp_path):
+    from .conftest import char_tokenizer
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TaskError, match="cannot use .*file/cache as the zero-shot request cache"):
+        zero_shot(gqa_model, char_tokenizer(), ["piqa"], data_dir=data, limit=1, cache=tmp_path / "file" / "cache")
+
+
 def test_the_request_cache_is_keyed_by_the_weights(gqa_model):
     import copy
 
