@@ -645,13 +645,45 @@ def _hf_model(folder: Path, config: dict):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = True, f32_cache: bool = True):
+def llama_cpp_has_amx() -> bool:
+    """Whether this llama.cpp build runs matrix products on Intel AMX (it says ``AMX_INT8 = 1``)."""
+    return b"AMX_INT8 = 1" in _require_llama_cpp().llama_print_system_info()
+
+
+@contextlib.contextmanager
+def _weight_repacking(enabled: bool):
+    """llama-cpp-python's ``Llama`` takes no ``use_extra_bufts``; it reads llama.cpp's default model parameters, so
+    those are wrapped while a model loads (``-nr`` / ``--no-repack`` in llama.cpp's own tools)."""
+    bindings = _require_llama_cpp().llama_cpp
+    default = bindings.llama_model_default_params
+    if enabled or not hasattr(default(), "use_extra_bufts"):
+        yield
+        return
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
+def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool = True, f32_cache: bool = True,
+               repack: bool | None = None):
     """llama.cpp's model for ``path``; ``f32_cache``: an f32 KV cache, so a check sees the weights' precision alone
-    (otherwise llama.cpp's default, f16, as users run it)."""
+    (otherwise llama.cpp's default, f16, as users run it). ``repack`` (default: off where llama.cpp has AMX):
+    llama.cpp's weight repacking for its CPU kernels. Its AMX path segfaults on the first forward in the llama.cpp
+    that llama-cpp-python 0.3.36 vendors, for stock GGUFs too (the embedded SmolLM2 Q4_1; llama.cpp issue #20824),
+    so on those CPUs the check runs llama.cpp's plain CPU kernels (docs/DESIGN.md §8)."""
     llama_cpp = _require_llama_cpp()
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           logits_all=logits_all, verbose=False, seed=0, **cache)
+    with _weight_repacking(not llama_cpp_has_amx() if repack is None else repack):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                               logits_all=logits_all, verbose=False, seed=0, **cache)
 
 
 def llama_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -722,8 +754,9 @@ def check_gguf(path: Path, folder: Path, config: dict, tokenizer, gguf_type: str
     max abs difference within ``LOGIT_TOLERANCE`` (float types) or perplexity within ``QUANT_PPL_BOUND`` of the
     Hugging Face model's (quantized types). GGUFExportError otherwise."""
     hf_ids = tokenizer(text, add_special_tokens=False).input_ids
+    repack = not llama_cpp_has_amx()
     try:
-        llm = open_llama(path, n_ctx=max_tokens + 16, threads=threads)
+        llm = open_llama(path, n_ctx=max_tokens + 16, threads=threads, repack=repack)
     except Exception as e:
         raise GGUFExportError(f"llama.cpp could not load the GGUF it was given ({e}); nothing was written") from None
     try:
@@ -748,7 +781,8 @@ def check_gguf(path: Path, folder: Path, config: dict, tokenizer, gguf_type: str
     ppl_hf, ppl_cpp = math.exp(_nll(expected, ids)), math.exp(_nll(got, ids))
     same_top = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
     check = {"tokens": len(ids), "tokenization": "identical", "max_abs_logit_diff": round(diff, 6),
-             "ppl_hf": round(ppl_hf, 4), "ppl_llama_cpp": round(ppl_cpp, 4), "same_argmax": round(same_top, 4)}
+             "ppl_hf": round(ppl_hf, 4), "ppl_llama_cpp": round(ppl_cpp, 4), "same_argmax": round(same_top, 4),
+             "weight_repacking": repack}
     if gguf_type in LOGIT_TOLERANCE:
         bound = LOGIT_TOLERANCE[gguf_type] * scale
         check["bound"] = f"max abs logit diff <= {bound:.3g}"
@@ -766,5 +800,5 @@ def check_gguf(path: Path, folder: Path, config: dict, tokenizer, gguf_type: str
 
 
 __all__ = ["CHECK_TEXT", "GGUFExportError", "GGUFResult", "GGUF_TYPES", "channel_multiple_for", "check_gguf",
-           "check_gguf_type", "llama_cpp_perplexity", "llama_cpp_speed", "llama_logits", "open_llama", "source_gguf",
-           "write_gguf"]
+           "check_gguf_type", "llama_cpp_has_amx", "llama_cpp_perplexity", "llama_cpp_speed", "llama_logits",
+           "open_llama", "source_gguf", "write_gguf"]

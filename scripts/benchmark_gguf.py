@@ -29,7 +29,7 @@ from bench_common import Methods, add_protocol_args, eval_windows, machine_name,
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
-from dms_llm.gguf_export import llama_cpp_perplexity, llama_cpp_speed, write_gguf
+from dms_llm.gguf_export import llama_cpp_has_amx, llama_cpp_perplexity, llama_cpp_speed, write_gguf
 from dms_llm.training import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +150,8 @@ if args.main_export and not main_rows:
               f"{len(hf_greedy)} greedy tokens equal", flush=True)
 
 machine = machine_name("cpu").replace(f"{torch.get_num_threads()} threads", f"llama.cpp {args.threads} threads")
+if llama_cpp_has_amx():  # open_llama turns llama.cpp's weight repacking off there (it segfaults on AMX)
+    machine += ", weight repacking off (AMX)"
 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import pytest
@@ -142,6 +143,23 @@ def test_quantized_types_report_what_did_not_quantize(tmp_path, bpe_tokenizer):
     f16 = write_gguf(folder, tmp_path / "h.gguf", "f16")
     assert f16.check["max_abs_logit_diff"] <= 3e-2 and result.bytes < f16.bytes
     assert channel_multiple_for("q4_k_m") == 32 and channel_multiple_for("f16") == 8
+
+
+def test_weight_repacking_is_off_while_loading_where_llama_cpp_has_amx(monkeypatch):
+    """llama.cpp's AMX repacking segfaults on the first forward (docs/DESIGN.md §8): open_llama loads without it on
+    AMX CPUs, with llama.cpp's default elsewhere or when asked, and leaves llama.cpp's defaults as they were."""
+    import llama_cpp
+
+    from dms_llm import gguf_export
+
+    seen = []
+    monkeypatch.setattr(llama_cpp, "Llama", lambda **kw: seen.append(
+        llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts))
+    for amx, repack, expected in ((True, None, False), (False, None, True), (True, True, True), (False, False, False)):
+        monkeypatch.setattr(gguf_export, "llama_cpp_has_amx", lambda amx=amx: amx)
+        open_llama(Path("m.gguf"), n_ctx=8, threads=1, repack=repack)
+        assert seen.pop() is expected
+        assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
 
 
 def test_bad_inputs_stop_with_a_message_and_leave_nothing(tmp_path, bpe_tokenizer, monkeypatch):
