@@ -211,6 +211,22 @@ def tokenize_text(tokenizer, text: str, chunk_chars: int = 1_000_000) -> torch.T
     return torch.cat(pieces)
 
 
+def _window_order(tokenizer, source: str | Path, seq_len: int, num_samples: int, seed: int):
+    """(token ids, the text's window indices in the seed's random order) — one order, so the calibration windows and
+    the held-out ones after them never overlap."""
+    if seq_len < 2 or num_samples < 1:
+        raise DataError(f"need seq_len >= 2 and num_samples >= 1, got {seq_len} and {num_samples}")
+    # read only as much text as could be needed (about 6 characters a token, with a wide margin)
+    text = load_text(source, split="train", max_chars=max(2_000_000, 40 * seq_len * num_samples))
+    ids = tokenize_text(tokenizer, text)
+    g = torch.Generator().manual_seed(seed)
+    return ids, torch.randperm(len(ids) // seq_len, generator=g)
+
+
+def _windows(ids: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in order.sort().values.tolist()])
+
+
 def calibration_windows(
     tokenizer, source: str | Path, seq_len: int, num_samples: int, seed: int = 0, allow_fewer: bool = False
 ) -> torch.Tensor:
@@ -218,12 +234,8 @@ def calibration_windows(
     (with ``allow_fewer``, as many as the text holds when that is fewer, but at least one).
 
     Returns a (num_samples, seq_len) int64 tensor."""
-    if seq_len < 2 or num_samples < 1:
-        raise DataError(f"need seq_len >= 2 and num_samples >= 1, got {seq_len} and {num_samples}")
-    # read only as much text as could be needed (about 6 characters a token, with a wide margin)
-    text = load_text(source, split="train", max_chars=max(2_000_000, 40 * seq_len * num_samples))
-    ids = tokenize_text(tokenizer, text)
-    available = len(ids) // seq_len
+    ids, order = _window_order(tokenizer, source, seq_len, num_samples, seed)
+    available = len(order)
     if allow_fewer and available >= 1:
         num_samples = min(num_samples, available)
     if available < num_samples:
@@ -231,9 +243,17 @@ def calibration_windows(
             f"calibration data {str(source)!r} has {len(ids)} tokens: enough for {available} windows of {seq_len}, "
             f"not {num_samples}. Lower --num-samples or --seq-len, or give more text."
         )
-    g = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(available, generator=g)[:num_samples].sort().values
-    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in chosen.tolist()])
+    return _windows(ids, order[:num_samples], seq_len)
+
+
+def held_out_windows(tokenizer, source: str | Path, seq_len: int, num_samples: int, count: int,
+                     seed: int = 0) -> torch.Tensor | None:
+    """Up to ``count`` windows of ``source`` that :func:`calibration_windows` with the same ``seq_len``,
+    ``num_samples`` and ``seed`` does not return (the next ones in its random order), or None when the text holds
+    no more. The calibration windows stay the same whatever ``count`` is."""
+    ids, order = _window_order(tokenizer, source, seq_len, num_samples, seed)
+    rest = order[num_samples:num_samples + count]
+    return _windows(ids, rest, seq_len) if count > 0 and len(rest) else None
 
 
 def evaluation_tokens(tokenizer, source: str | Path) -> torch.Tensor:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .data import calibration_windows, check_source, evaluation_tokens
+from .data import calibration_windows, check_source, evaluation_tokens, held_out_windows
 from .errors import DMSError, flag
 from .evaluation import perplexity
 from .exporter import ExportResult, build_pruned_model, check_per_layer_support, export
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
 from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_family, check_gguf_output, write_gguf
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
-from .reconstruct import ReconstructConfig, reconstruct
+from .reconstruct import ReconstructConfig, choose_after_repair, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
 from .search import PruneConfig, PruneResult, prune
 
@@ -77,6 +77,9 @@ class PruneJob(OutputSettings):
     reconstruct: bool = True
     recon_samples: int = 32  # calibration windows the reconstruction reads
     recon_ridge: float = 1e-2
+    # held-out calibration windows on which the depth check's candidates are compared after their repair (0: the
+    # search's pre-repair choice stands)
+    repair_check: int = 16
 
 
 @dataclass
@@ -263,6 +266,32 @@ def _evaluation_tokens(tokenizer, job) -> torch.Tensor | None:
     return evaluation_tokens(tokenizer, job.eval_data) if job.eval_data is not None and _is_main_process() else None
 
 
+def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult) -> torch.Tensor | None:
+    """The held-out calibration windows of the check after the repair, or None when it does not run (no repair, no
+    ``repair_check``, a single candidate, or no text beyond the calibration windows)."""
+    if recon is None or job.repair_check < 1 or len(result.candidates) < 2:
+        return None
+    held_out = held_out_windows(tokenizer, job.calib, job.seq_len, job.num_samples, job.repair_check,
+                                seed=job.config.seed)
+    if held_out is None:
+        logger.warning("%s holds no text beyond the %d calibration windows: the depth check's pre-repair choice "
+                       "stands", job.calib, job.num_samples)
+    return held_out
+
+
+def _choose_after_repair(model, result: PruneResult, calib: torch.Tensor, held_out: torch.Tensor, recon):
+    """Repair every depth-check candidate, keep the one closest to the dense model on ``held_out``; the search
+    result then names that structure and records each candidate's repaired KL."""
+    index, losses, pruned, repair = choose_after_repair(model, result.candidates, calib, held_out, recon)
+    checked = [{**c, "kl_repaired": round(kl, 5), "chosen": i == index}
+               for i, (c, kl) in enumerate(zip(result.depth_check, losses))]
+    logger.info("depth check after the repair on %d held-out calibration windows: kept candidate %d (%s removed)",
+                len(held_out), index + 1, ", ".join(f"{v} {k}" for k, v in checked[index]["removed"].items()))
+    result = dataclasses.replace(result, structure=result.candidates[index], depth_check=checked,
+                                 pruned_resource=checked[index]["resource"])
+    return result, pruned, repair
+
+
 def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     """Run the whole ``dms-llm prune`` job; returns what it did (None on the other ranks of ``accelerate launch``).
 
@@ -302,8 +331,12 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
 
     if config.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
         model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
-    pruned = build_pruned_model(model, result.structure)
-    repair = reconstruct(pruned, model, result.structure, calib, recon, progress=progress) if recon else None
+    held_out = _repair_check_windows(tokenizer, job, recon, result)
+    if held_out is not None:
+        result, pruned, repair = _choose_after_repair(model, result, calib, held_out, recon)
+    else:
+        pruned = build_pruned_model(model, result.structure)
+        repair = reconstruct(pruned, model, result.structure, calib, recon, progress=progress) if recon else None
     if tokens is not None:
         ppl.update(_perplexities({"pruned": pruned} if ppl else {"dense": model, "pruned": pruned}, tokens, job))
     metadata = {
@@ -311,6 +344,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
                    "target_resource": result.target_resource, "uniform": config.uniform},
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
                    "step_cost": _step_cost(result, reference), "depth_check": result.depth_check,
+                   "depth_check_after_repair": 0 if held_out is None else len(held_out),
                    "calibration": str(job.calib), "seq_len": job.seq_len, "num_samples": job.num_samples,
                    "config": config.settings()},
         "base_model": base_model_reference(job.model),

@@ -238,6 +238,35 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     return {"seconds": seconds, "tokens": windows.numel(), "blocks": report, "check": check}
 
 
+def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows`` ((N, T) token ids)."""
+    return _gaps(pruned, dense, None, windows, batch_size)["repaired"]
+
+
+def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: torch.Tensor, held_out: torch.Tensor,
+                        config: ReconstructConfig | None = None) -> tuple[int, list[float], nn.Module, dict]:
+    """The depth check's choice made after the repair (docs/DESIGN.md §3): every candidate structure is sliced out of
+    ``dense``, repaired by :func:`reconstruct` on ``calib`` and scored by its KL to the dense model on ``held_out``,
+    windows that neither the search nor the repair read. Returns (the best candidate's index, every candidate's KL,
+    the best repaired model, its repair record); a tie goes to the earlier candidate (the searched structure)."""
+    from .exporter import build_pruned_model
+
+    config = config or ReconstructConfig()
+    if not candidates:
+        raise DMSError("choose_after_repair needs at least one candidate structure")
+    losses, best = [], None
+    for i, structure in enumerate(candidates):
+        pruned = build_pruned_model(dense, structure)
+        repair = reconstruct(pruned, dense, structure, calib, config, progress=False)
+        losses.append(kl_to_dense(pruned, dense, held_out, config.batch_size))
+        logger.info("depth check after the repair: candidate %d of %d -> KL %.4f on %d held-out windows", i + 1,
+                    len(candidates), losses[-1], len(held_out))
+        if best is None or losses[-1] < losses[best[0]]:
+            best = (i, pruned, repair)
+        del pruned
+    return best[0], losses, best[1], best[2]
+
+
 def _projections(model: nn.Module) -> list[torch.Tensor]:
     """The parameters the repair writes: every kept ``o_proj`` and ``down_proj`` weight (and bias)."""
     blocks = [(getattr(layer, block), name) for layer in decoder_layers(model)

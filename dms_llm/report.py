@@ -41,8 +41,10 @@ def prune_report(run, model: str) -> str:
     chosen = next((c for c in checked if c["chosen"]), None)
     if chosen and checked.index(chosen):
         removed = ", ".join(f"{v} {k}" for k, v in chosen["removed"].items())
-        lines.append(f"depth check: removing fewer blocks ({removed}) scored better than the searched depth on the "
-                     f"calibration windows, and was kept")
+        after = (info.get("search") or {}).get("depth_check_after_repair")
+        where = (f"once repaired, on {after} held-out calibration windows" if after else "on the calibration windows")
+        lines.append(f"depth check: removing fewer blocks ({removed}) scored better than the searched depth {where}, "
+                     f"and was kept")
     if info.get("warning"):
         lines.append("WARNING: " + info["warning"])
     return "\n".join(lines + ([gguf_report(run.gguf)] if run.gguf else []))

@@ -45,6 +45,19 @@ def add_protocol_args(parser) -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--calib", default="wikitext2")
     parser.add_argument("--eval-data", default="wikitext2")
+    parser.add_argument("--repair-check", type=int, default=16,
+                        help="held-out calibration windows on which the DMS depth check chooses after the repair, "
+                             "as `dms-llm prune` does (0: the search's pre-repair choice)")
+
+
+def protocol_windows(tokenizer, calib: str, seq_len: int = 256, num_samples: int = 64, repair_check: int = 16):
+    """(calibration windows, the held-out windows after them for the DMS depth check's choice after the repair, or
+    None) — what `dms-llm prune` draws from the same source with the same settings."""
+    import dms_llm
+    from dms_llm.data import held_out_windows
+
+    windows = dms_llm.calibration_windows(tokenizer, calib, seq_len, num_samples)
+    return windows, held_out_windows(tokenizer, calib, seq_len, num_samples, repair_check)
 
 
 class Methods:
@@ -53,11 +66,15 @@ class Methods:
     leaves it (FLAP with its bias compensation) or, for a name ending in ``+recon``, after dms-llm's reconstruction."""
 
     def __init__(self, model, calib, calib_name: str, steps: int = 200, recon_samples: int = 32,
-                 cache_dir: str | Path | None = None, channel_multiple: int = 8):
+                 cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
         self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
+        # held-out calibration windows: the DMS searches' depth check then chooses after the repair, as
+        # `dms-llm prune` does (docs/DESIGN.md §3)
+        self.held_out = held_out
         self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
         self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
+        self.dms_key = f"-rc{len(held_out)}" if held_out is not None else ""
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
 
@@ -87,7 +104,7 @@ class Methods:
         if method.startswith("dms"):
             config = dms_llm.PruneConfig(keep=keep, steps=self.steps, uniform=method == "dms_uniform",
                                          channel_multiple=self.channel_multiple)
-            structure = dms_llm.prune(model, calib, config, progress=False).structure
+            structure = self.choose(dms_llm.prune(model, calib, config, progress=False))
         elif method == "flap":
             structure = baselines.flap(model, self._stats, target)
         elif method == "minitron_width":
@@ -106,8 +123,20 @@ class Methods:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         return self.remember(method, keep, structure, time.perf_counter() - t0)
 
+    def choose(self, result):
+        """The structure a DMS search returns here: its own choice, or with held-out windows the depth-check
+        candidate closest to the dense model once repaired."""
+        from dms_llm.reconstruct import ReconstructConfig, choose_after_repair
+
+        if self.held_out is None or len(result.candidates) < 2:
+            return result.structure
+        index, *_ = choose_after_repair(self.model, result.candidates, self.calib, self.held_out,
+                                        ReconstructConfig(samples=self.recon_samples))
+        return result.candidates[index]
+
     def _cache_path(self, method: str, keep: float) -> Path | None:
-        return self.cache_dir / f"{method}-keep{keep}-{self.key}.json" if self.cache_dir else None
+        key = self.key + (self.dms_key if method.startswith("dms") else "")
+        return self.cache_dir / f"{method}-keep{keep}-{key}.json" if self.cache_dir else None
 
     def remember(self, method: str, keep: float, structure, seconds: float):
         """Keep a structure found elsewhere (e.g. a DMS search another benchmark ran with these settings) as this

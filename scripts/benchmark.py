@@ -22,7 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import METHODS, PEERS, Methods, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import (  # a sibling module
+    METHODS,
+    PEERS,
+    Methods,
+    eval_windows,
+    machine_name,
+    protocol_windows,
+    replace_section,
+)
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
@@ -41,6 +49,9 @@ parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(
 parser.add_argument("--windows", type=int, default=None,
                     help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200, help="DMS search steps")
+parser.add_argument("--repair-check", type=int, default=16,
+                    help="held-out calibration windows on which the DMS depth check chooses after the repair, as "
+                         "`dms-llm prune` does (0: the search's pre-repair choice)")
 parser.add_argument("--seq-len", type=int, default=256)
 parser.add_argument("--num-samples", type=int, default=64)
 parser.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
@@ -57,10 +68,10 @@ reuse_freed_memory()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
-calib = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples)
+calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num_samples, args.repair_check)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
-methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir)
+methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir, held_out=held_out)
 
 
 def measure(name, keep, pruned, structure, seconds, recon_seconds=None):

@@ -22,11 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import Methods, add_protocol_args, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import (  # a sibling module
+    Methods,
+    add_protocol_args,
+    eval_windows,
+    machine_name,
+    protocol_windows,
+    replace_section,
+)
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
-from dms_llm.reconstruct import ReconstructConfig, reconstruct
+from dms_llm.reconstruct import ReconstructConfig, kl_to_dense, reconstruct
 from dms_llm.resources import ResourceModel
 from dms_llm.structure import ModelShape
 from dms_llm.training import reuse_freed_memory
@@ -54,8 +61,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
-calib = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples)
+calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num_samples, args.repair_check)
 settings = {"model": args.model, "calib": Path(args.calib).name, "num_samples": args.num_samples,
+            "repair_check": args.repair_check,
             "seq_len": args.seq_len, "steps": args.steps, "recon_samples": args.recon_samples, "windows": windows}
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +73,8 @@ same = saved.get("settings") == settings
 rows = saved.get("rows", []) if same else []
 variants = saved.get("variants", {}) if same else {}  # the candidates each search's depth check scored, by name
 resources = ResourceModel(ModelShape.from_model(model))
-methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir)  # shared with the other benchmarks
+# shared with the other benchmarks
+methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir, held_out=held_out)
 
 
 def save() -> None:
@@ -78,24 +87,29 @@ def done(mode: str, keep: float, variant: str) -> bool:
     return any(r["mode"] == mode and r["keep"] == keep and r["variant"] == variant for r in rows)
 
 
-def repaired_perplexity(structure) -> tuple[float, float]:
+def repaired_perplexity(structure) -> tuple[float, float, float | None]:
+    """(perplexity after the repair, repair seconds, KL to the dense model on the held-out calibration windows after
+    the repair — what the depth check after the repair compares)."""
     pruned = dms_llm.build_pruned_model(model, structure)
     t0 = time.perf_counter()
     reconstruct(pruned, model, structure, calib, ReconstructConfig(samples=args.recon_samples), progress=False)
     seconds = time.perf_counter() - t0
-    return dms_llm.perplexity(pruned, tokens=tokens, max_windows=windows, progress=False)["ppl"], seconds
+    kl = kl_to_dense(pruned, model, held_out) if held_out is not None else None
+    return dms_llm.perplexity(pruned, tokens=tokens, max_windows=windows, progress=False)["ppl"], seconds, kl
 
 
 def add(mode, keep, variant, structure, search_seconds, **extra) -> None:
-    ppl, recon_seconds = repaired_perplexity(structure)
+    ppl, recon_seconds, kl = repaired_perplexity(structure)
     row = {"mode": mode, "keep": keep, "variant": variant, "params": resources.of_structure(structure),
            "attn_blocks": sum(bool(x.kv_heads) for x in structure.layers),
            "mlp_blocks": sum(bool(x.channels) for x in structure.layers), "ppl_recon": ppl,
-           "search_seconds": round(search_seconds, 1), "recon_seconds": round(recon_seconds, 1), **extra}
+           "search_seconds": round(search_seconds, 1), "recon_seconds": round(recon_seconds, 1),
+           "kl_repaired": kl, **extra}
     rows.append(row)
     save()
     print(f"{mode:9s} keep {keep} {variant:28s} blocks {row['attn_blocks']}/{row['mlp_blocks']}  "
-          f"ppl+recon {ppl:9.2f}  check loss {extra.get('check_loss', float('nan')):.4f}", flush=True)
+          f"ppl+recon {ppl:9.2f}  check loss {extra.get('check_loss', float('nan')):.4f}  held-out KL after "
+          f"repair {kl if kl is not None else float('nan'):.4f}", flush=True)
 
 
 def variant_name(removed: dict, searched: bool) -> str:
@@ -111,8 +125,6 @@ for keep in args.keeps:
             t0 = time.perf_counter()
             result = dms_llm.prune(model, calib, config, progress=False)
             seconds = time.perf_counter() - t0
-            # the same search as the peer table's DMS rows: the zero-shot and peer benchmarks reuse what it found
-            methods.remember(f"dms_{mode}", keep, result.structure, seconds)
             checked = result.depth_check or [{"removed": {}, "loss": float("nan"), "chosen": True}]
             structures = result.candidates or [result.structure]
             names = [variant_name(c["removed"], i == 0) for i, c in enumerate(checked)]
@@ -121,6 +133,18 @@ for keep in args.keeps:
                 if not done(mode, keep, name):
                     add(mode, keep, name, structure, seconds, check_loss=c["loss"], chosen=c["chosen"],
                         removed=c["removed"])
+            # the choice after the repair (what `dms-llm prune` keeps): the lowest held-out KL of the rows above
+            scored = [r for r in rows if r["mode"] == mode and r["keep"] == keep and r["variant"] in names]
+            if held_out is not None and len(scored) > 1:
+                best = min(scored, key=lambda r: (r["kl_repaired"], names.index(r["variant"])))
+                for r in scored:
+                    r["chosen_after_repair"] = r is best
+                save()
+                structure = structures[names.index(best["variant"])]
+            else:
+                structure = result.structure
+            # the same search as the peer table's DMS rows: the zero-shot and peer benchmarks reuse what it found
+            methods.remember(f"dms_{mode}", keep, structure, seconds)
         if keep in args.width_only_keeps and not done(mode, keep, "width-only search"):
             t0 = time.perf_counter()
             result = dms_llm.prune(model, calib, dms_llm.PruneConfig(keep=keep, steps=args.steps, uniform=uniform,
@@ -138,14 +162,19 @@ lines = [START, "", f"### Depth check — {args.model}: removing fewer blocks at
          f"{args.seq_len}), {args.steps} search steps; every row + reconstruction ({args.recon_samples} windows); "
          f"perplexity on the first {windows} windows of 2048 tokens of `{Path(args.eval_data).name}` (the peer "
          f"table's protocol). Check loss: KL + LM on the first 16 calibration windows, before the repair (what the "
-         f"depth check compares); **bold** = the structure the search returns. Command: `{command}`.", "",
-         "| mode | keep | structure | attn / MLP blocks | params | check loss | ppl + recon |",
-         "| --- | --- | --- | --- | --- | --- | --- |"]
+         f"search's depth check compares; **bold** = its choice); held-out KL after repair: KL to the dense model "
+         f"on {args.repair_check} calibration windows neither the search nor the repair read (← = the candidate "
+         f"`dms-llm prune` keeps, its depth check after the repair). Command: `{command}`.", "",
+         "| mode | keep | structure | attn / MLP blocks | params | check loss | held-out KL after repair | "
+         "ppl + recon |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in sorted(rows, key=lambda r: (r["keep"], r["mode"])):
     name = f"**{r['variant']}**" if r.get("chosen") else r["variant"]
+    name += " ← after repair" if r.get("chosen_after_repair") else ""
     loss = f"{r['check_loss']:.4f}" if r.get("check_loss") == r.get("check_loss") and "check_loss" in r else ""
+    kl = f"{r['kl_repaired']:.4f}" if r.get("kl_repaired") is not None else ""
     lines.append(f"| {r['mode']} | {r['keep']} | {name} | {r['attn_blocks']} / {r['mlp_blocks']} | "
-                 f"{r['params'] / 1e6:.2f}M | {loss} | {r['ppl_recon']:.2f} |")
+                 f"{r['params'] / 1e6:.2f}M | {loss} | {kl} | {r['ppl_recon']:.2f} |")
 lines += ["", END]
 md = replace_section(args.markdown, START, END, lines)
 print(f"wrote {record_path} and {md}")

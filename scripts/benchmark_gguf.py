@@ -25,7 +25,14 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import Methods, add_protocol_args, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import (  # a sibling module
+    Methods,
+    add_protocol_args,
+    eval_windows,
+    machine_name,
+    protocol_windows,
+    replace_section,
+)
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
@@ -66,9 +73,9 @@ work.mkdir(parents=True, exist_ok=True)
 windows = eval_windows(args.windows, "cpu")
 model, tokenizer, source = dms_llm.load_model(args.model)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
-calib = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, args.num_samples)
+calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num_samples, args.repair_check)
 methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir,
-                  channel_multiple=args.channel_multiple)
+                  channel_multiple=args.channel_multiple, held_out=held_out)
 
 
 def folder_of(name: str, keep: float | None) -> tuple[Path, float | None]:

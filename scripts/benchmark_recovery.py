@@ -23,7 +23,14 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import Methods, best_peers, eval_windows, machine_name, replace_section  # a sibling module
+from bench_common import (  # a sibling module
+    Methods,
+    best_peers,
+    eval_windows,
+    machine_name,
+    protocol_windows,
+    replace_section,
+)
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
@@ -59,14 +66,14 @@ reuse_freed_memory()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 windows = eval_windows(args.windows, device)
 model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
-calib = dms_llm.calibration_windows(tokenizer, args.calib, 256, 64)
+calib, held_out = protocol_windows(tokenizer, args.calib)
 train = dms_llm.calibration_windows(tokenizer, args.calib, args.seq_len, -(-args.tokens // args.seq_len), seed=1,
                                     allow_fewer=True)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
 recovery = FinetuneConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
                           mixed_precision="bf16" if device == "cuda" else "no")
-methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir)
+methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir, held_out=held_out)
 
 
 def ppl(m):

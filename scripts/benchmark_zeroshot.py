@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import Methods, best_peers, machine_name, replace_section  # a sibling module of this script
+from bench_common import (  # a sibling module of this script
+    Methods,
+    best_peers,
+    machine_name,
+    protocol_windows,
+    replace_section,
+)
 
 import dms_llm
 from dms_llm.recovery import FinetuneConfig, finetune
@@ -157,8 +163,8 @@ settings = {"model": args.model, "limit": limit, "dtype": dtype, "batch_size": b
 record_path = out / "zeroshot.json"
 saved = json.loads(record_path.read_text()) if record_path.exists() else {}
 rows = saved.get("rows", []) if saved.get("settings") == settings else []  # other settings: start afresh
-calib = dms_llm.calibration_windows(tokenizer, args.calib, 256, 64)
-methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir)
+calib, held_out = protocol_windows(tokenizer, args.calib)
+methods = Methods(model, calib, args.calib, args.steps, cache_dir=args.cache_dir, held_out=held_out)
 
 
 def save(comparisons=None) -> None:

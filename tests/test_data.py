@@ -68,6 +68,25 @@ def test_calibration_windows_are_seeded_and_checked(tmp_path):
         calibration_windows(tok, path, seq_len=500, num_samples=5)
 
 
+def test_held_out_windows_are_the_ones_calibration_does_not_take(tmp_path):
+    from dms_llm.data import held_out_windows
+
+    path = tmp_path / "t.txt"
+    codes = torch.randint(0, 90, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    path.write_text("".join(chr(33 + c) for c in codes))
+    tok = CharTokenizer()
+    calib = calibration_windows(tok, path, seq_len=50, num_samples=5, seed=1)
+    held = held_out_windows(tok, path, 50, 5, 4, seed=1)
+    assert held.shape == (4, 50)
+    rows = {tuple(r.tolist()) for r in torch.cat([calib, held])}
+    assert len(rows) == 9  # none of them is a calibration window
+    text = path.read_text()
+    assert all("".join(chr(c) for c in r) in text for r in rows)
+    assert held_out_windows(tok, path, 50, 5, 100, seed=1).shape == (15, 50)  # what is left: 20 windows - 5
+    assert held_out_windows(tok, path, 50, 20, 4, seed=1) is None
+    assert held_out_windows(tok, path, 50, 5, 0, seed=1) is None
+
+
 def test_big_local_corpora_are_read_only_as_far_as_needed(tmp_path, monkeypatch):
     """Calibration never reads a large file whole: text files stop at the character cap, JSONL is streamed (a
     broken line after the cap is never parsed), folders stop at the first files that fill the cap."""

@@ -177,6 +177,33 @@ def test_rerun_after_an_interruption_says_what_it_found(dense_folder, text_file,
     assert "run again with --resume" in as_flags(message)  # how the command line shows it
 
 
+def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_folder, text_file, tmp_path):
+    """With the repair on, every depth-check candidate is repaired and scored on calibration windows the search
+    and the repair did not read: the export is the candidate with the lowest KL, and reloading it gives that KL."""
+    from dms_llm.data import held_out_windows
+    from dms_llm.loading import load_model
+    from dms_llm.reconstruct import kl_to_dense
+
+    config = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, patience=3, depth_check=4)
+    job = PruneJob(str(dense_folder), str(tmp_path / "out"), config, calib=str(text_file), seq_len=32,
+                   num_samples=8, recon_samples=4, repair_check=4, eval_data=None)
+    run = prune_checkpoint(job, progress=False)
+    checked = run.info["search"]["depth_check"]
+    assert len(checked) > 1 and run.info["search"]["depth_check_after_repair"] == 4
+    kls = [c["kl_repaired"] for c in checked]
+    chosen = [i for i, c in enumerate(checked) if c["chosen"]]
+    assert len(chosen) == 1 and kls[chosen[0]] == min(kls)
+    assert run.search.structure == run.search.candidates[chosen[0]]
+    assert run.search.pruned_resource == checked[chosen[0]]["resource"] <= run.search.target_resource
+    dense, tokenizer, _ = load_model(str(dense_folder))
+    exported, _, _ = load_model(str(tmp_path / "out"), trust_remote_code=True, check_supported=False)
+    held_out = held_out_windows(tokenizer, text_file, 32, 8, 4)
+    assert abs(kl_to_dense(exported, dense, held_out) - kls[chosen[0]]) < 1e-4
+    off = prune_checkpoint(dataclasses.replace(job, out=str(tmp_path / "off"), repair_check=0), progress=False)
+    assert off.info["search"]["depth_check_after_repair"] == 0
+    assert all("kl_repaired" not in c for c in off.info["search"]["depth_check"])
+
+
 def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp_path):
     """On-by-default settings turned off (--no-search-depth, --no-reconstruct) are part of the recorded command."""
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dms_llm.exporter import build_pruned_model, export
-from dms_llm.reconstruct import ReconstructConfig, ReconstructionError, reconstruct
+from dms_llm.reconstruct import ReconstructConfig, ReconstructionError, choose_after_repair, kl_to_dense, reconstruct
 from dms_llm.resources import ResourceModel, count_parameters
 from dms_llm.structure import ModelShape, Structure
 from dms_llm.training import kl_divergence
@@ -178,6 +178,26 @@ def test_a_repair_that_moves_away_from_the_dense_model_is_not_kept(gqa_model, mo
         reconstruct(expected, gqa_model, structure, more_windows[:16], ReconstructConfig(absorb_removed=False),
                     progress=False)
     assert torch.allclose(_logits(pruned, more_windows[:2]), _logits(expected, more_windows[:2]), atol=1e-5)
+
+
+def test_the_choice_after_the_repair_keeps_the_candidate_closest_to_the_dense_model(gqa_model, windows):
+    """Candidates are repaired and scored on held-out windows: the dense structure (KL 0) beats a pruned one, the
+    returned model is that candidate repaired, and a tie goes to the earlier candidate."""
+    shape = ModelShape.from_model(gqa_model)
+    narrow, dense = per_layer_structure(gqa_model), Structure.dense(shape)
+    calib, held_out = windows[:12], windows[12:]
+    index, losses, model, repair = choose_after_repair(gqa_model, [narrow, dense], calib, held_out,
+                                                       ReconstructConfig(samples=8, check_windows=0))
+    assert index == 1 and losses[1] < 1e-6 < losses[0] and repair["blocks"]
+    assert count_parameters(model) == count_parameters(gqa_model)
+    alone = build_pruned_model(gqa_model, narrow)
+    reconstruct(alone, gqa_model, narrow, calib, ReconstructConfig(samples=8, check_windows=0), progress=False)
+    assert abs(kl_to_dense(alone, gqa_model, held_out) - losses[0]) < 1e-6  # the score is the repaired model's
+    index, losses, model, _ = choose_after_repair(gqa_model, [narrow, narrow], calib, held_out,
+                                                  ReconstructConfig(samples=8, check_windows=0))
+    assert index == 0 and losses[0] == losses[1]
+    with pytest.raises(Exception, match="at least one candidate"):
+        choose_after_repair(gqa_model, [], calib, held_out)
 
 
 def test_repaired_export_reloads_with_the_same_logits(gqa_model, windows, tmp_path):
