@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the sliced weights as they are (no least-squares repair of the output projections)")
     p.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
     p.add_argument("--recon-ridge", type=float, default=1e-2, help="relative ridge term of the reconstruction")
-    p.add_argument("--repair-check", type=int, default=16,
+    p.add_argument("--repair-check", type=int, default=4,
                    help="held-out calibration windows on which the depth check's candidates are compared once "
                         "repaired (the closest to the dense model is kept; 0 = the pre-repair choice stands)")
+    p.add_argument("--repair-check-len", type=int, default=2048,
+                   help="tokens per held-out window of --repair-check (capped at the model's context)")
     _add_run_args(p, "search", seq_len=256, batch_size=1)
 
     f = sub.add_parser("finetune", formatter_class=DefaultsOnce,

@@ -246,14 +246,22 @@ def calibration_windows(
     return _windows(ids, order[:num_samples], seq_len)
 
 
-def held_out_windows(tokenizer, source: str | Path, seq_len: int, num_samples: int, count: int,
-                     seed: int = 0) -> torch.Tensor | None:
-    """Up to ``count`` windows of ``source`` that :func:`calibration_windows` with the same ``seq_len``,
-    ``num_samples`` and ``seed`` does not return (the next ones in its random order), or None when the text holds
-    no more. The calibration windows stay the same whatever ``count`` is."""
+def held_out_windows(tokenizer, source: str | Path, seq_len: int, num_samples: int, count: int, seed: int = 0,
+                     length: int | None = None) -> torch.Tensor | None:
+    """Up to ``count`` windows of ``length`` tokens (default ``seq_len``) of ``source`` that share no token with the
+    windows :func:`calibration_windows` returns for the same ``seq_len``, ``num_samples`` and ``seed`` (drawn at
+    random, by ``seed``), or None when the text holds none. The calibration windows do not depend on them."""
+    length = length or seq_len
     ids, order = _window_order(tokenizer, source, seq_len, num_samples, seed)
-    rest = order[num_samples:num_samples + count]
-    return _windows(ids, rest, seq_len) if count > 0 and len(rest) else None
+    if count < 1 or length < 2:
+        return None
+    taken = torch.zeros(len(ids) + length, dtype=torch.bool)
+    for i in order[:num_samples].tolist():
+        taken[i * seq_len: (i + 1) * seq_len] = True
+    g = torch.Generator().manual_seed(seed + 1)
+    free = [j for j in torch.randperm(len(ids) // length, generator=g).tolist()
+            if not taken[j * length: (j + 1) * length].any()][:count]
+    return _windows(ids, torch.tensor(free), length) if free else None
 
 
 def evaluation_tokens(tokenizer, source: str | Path) -> torch.Tensor:

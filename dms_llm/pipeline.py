@@ -77,9 +77,10 @@ class PruneJob(OutputSettings):
     reconstruct: bool = True
     recon_samples: int = 32  # calibration windows the reconstruction reads
     recon_ridge: float = 1e-2
-    # held-out calibration windows on which the depth check's candidates are compared after their repair (0: the
-    # search's pre-repair choice stands)
-    repair_check: int = 16
+    # held-out calibration windows (of repair_check_len tokens, capped at the model's context) on which the depth
+    # check's candidates are compared after their repair (0: the search's pre-repair choice stands)
+    repair_check: int = 4
+    repair_check_len: int = 2048
 
 
 @dataclass
@@ -266,13 +267,14 @@ def _evaluation_tokens(tokenizer, job) -> torch.Tensor | None:
     return evaluation_tokens(tokenizer, job.eval_data) if job.eval_data is not None and _is_main_process() else None
 
 
-def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult) -> torch.Tensor | None:
+def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult, model) -> torch.Tensor | None:
     """The held-out calibration windows of the check after the repair, or None when it does not run (no repair, no
     ``repair_check``, a single candidate, or no text beyond the calibration windows)."""
     if recon is None or job.repair_check < 1 or len(result.candidates) < 2:
         return None
+    context = getattr(model.config, "max_position_embeddings", None) or job.repair_check_len
     held_out = held_out_windows(tokenizer, job.calib, job.seq_len, job.num_samples, job.repair_check,
-                                seed=job.config.seed)
+                                seed=job.config.seed, length=min(job.repair_check_len, context))
     if held_out is None:
         logger.warning("%s holds no text beyond the %d calibration windows: the depth check's pre-repair choice "
                        "stands", job.calib, job.num_samples)
@@ -285,8 +287,9 @@ def _choose_after_repair(model, result: PruneResult, calib: torch.Tensor, held_o
     index, losses, pruned, repair = choose_after_repair(model, result.candidates, calib, held_out, recon)
     checked = [{**c, "kl_repaired": round(kl, 5), "chosen": i == index}
                for i, (c, kl) in enumerate(zip(result.depth_check, losses))]
-    logger.info("depth check after the repair on %d held-out calibration windows: kept candidate %d (%s removed)",
-                len(held_out), index + 1, ", ".join(f"{v} {k}" for k, v in checked[index]["removed"].items()))
+    logger.info("depth check after the repair on %d held-out calibration windows of %d tokens: kept candidate %d "
+                "(%s removed)", len(held_out), held_out.shape[1], index + 1,
+                ", ".join(f"{v} {k}" for k, v in checked[index]["removed"].items()))
     result = dataclasses.replace(result, structure=result.candidates[index], depth_check=checked,
                                  pruned_resource=checked[index]["resource"])
     return result, pruned, repair
@@ -331,7 +334,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
 
     if config.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
         model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
-    held_out = _repair_check_windows(tokenizer, job, recon, result)
+    held_out = _repair_check_windows(tokenizer, job, recon, result, model)
     if held_out is not None:
         result, pruned, repair = _choose_after_repair(model, result, calib, held_out, recon)
     else:

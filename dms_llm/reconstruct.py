@@ -238,9 +238,27 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     return {"seconds": seconds, "tokens": windows.numel(), "blocks": report, "check": check}
 
 
+@torch.no_grad()
+def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict:
+    """``{"kl", "lm"}``: the mean per-token KL(dense || pruned) of the next-token distributions and ``pruned``'s
+    next-token cross-entropy over ``windows`` ((N, T) token ids)."""
+    from .training import kl_divergence, lm_loss
+
+    modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
+    pruned.eval(), dense.eval()
+    kl = lm = 0.0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i: i + batch_size].to(device)
+        logits = pruned(input_ids=ids).logits
+        kl += float(kl_divergence(logits, dense(input_ids=ids).logits)) * len(ids)
+        lm += float(lm_loss(logits, ids)) * len(ids)
+    pruned.train(modes[0]), dense.train(modes[1])
+    return {"kl": kl / len(windows), "lm": lm / len(windows)}
+
+
 def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows`` ((N, T) token ids)."""
-    return _gaps(pruned, dense, None, windows, batch_size)["repaired"]
+    return held_out_scores(pruned, dense, windows, batch_size)["kl"]
 
 
 def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: torch.Tensor, held_out: torch.Tensor,
@@ -258,7 +276,7 @@ def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: to
     for i, structure in enumerate(candidates):
         pruned = build_pruned_model(dense, structure)
         repair = reconstruct(pruned, dense, structure, calib, config, progress=False)
-        losses.append(kl_to_dense(pruned, dense, held_out, config.batch_size))
+        losses.append(kl_to_dense(pruned, dense, held_out, batch_size=1))  # long windows: one at a time
         logger.info("depth check after the repair: candidate %d of %d -> KL %.4f on %d held-out windows", i + 1,
                     len(candidates), losses[-1], len(held_out))
         if best is None or losses[-1] < losses[best[0]]:

@@ -45,19 +45,20 @@ def add_protocol_args(parser) -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--calib", default="wikitext2")
     parser.add_argument("--eval-data", default="wikitext2")
-    parser.add_argument("--repair-check", type=int, default=16,
+    parser.add_argument("--repair-check", type=int, default=4,
                         help="held-out calibration windows on which the DMS depth check chooses after the repair, "
                              "as `dms-llm prune` does (0: the search's pre-repair choice)")
 
 
-def protocol_windows(tokenizer, calib: str, seq_len: int = 256, num_samples: int = 64, repair_check: int = 16):
+def protocol_windows(tokenizer, calib: str, seq_len: int = 256, num_samples: int = 64, repair_check: int = 4,
+                     repair_check_len: int = 2048):
     """(calibration windows, the held-out windows after them for the DMS depth check's choice after the repair, or
     None) — what `dms-llm prune` draws from the same source with the same settings."""
     import dms_llm
     from dms_llm.data import held_out_windows
 
     windows = dms_llm.calibration_windows(tokenizer, calib, seq_len, num_samples)
-    return windows, held_out_windows(tokenizer, calib, seq_len, num_samples, repair_check)
+    return windows, held_out_windows(tokenizer, calib, seq_len, num_samples, repair_check, length=repair_check_len)
 
 
 class Methods:
@@ -74,7 +75,7 @@ class Methods:
         self.held_out = held_out
         self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
         self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
-        self.dms_key = f"-rc{len(held_out)}" if held_out is not None else ""
+        self.dms_key = f"-rc{held_out.shape[0]}x{held_out.shape[1]}" if held_out is not None else ""
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
 

@@ -49,7 +49,7 @@ parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(
 parser.add_argument("--windows", type=int, default=None,
                     help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200, help="DMS search steps")
-parser.add_argument("--repair-check", type=int, default=16,
+parser.add_argument("--repair-check", type=int, default=4,
                     help="held-out calibration windows on which the DMS depth check chooses after the repair, as "
                          "`dms-llm prune` does (0: the search's pre-repair choice)")
 parser.add_argument("--seq-len", type=int, default=256)

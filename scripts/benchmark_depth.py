@@ -33,7 +33,7 @@ from bench_common import (  # a sibling module
 
 import dms_llm
 from dms_llm.data import evaluation_tokens
-from dms_llm.reconstruct import ReconstructConfig, kl_to_dense, reconstruct
+from dms_llm.reconstruct import ReconstructConfig, held_out_scores, reconstruct
 from dms_llm.resources import ResourceModel
 from dms_llm.structure import ModelShape
 from dms_llm.training import reuse_freed_memory
@@ -63,7 +63,7 @@ model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num_samples, args.repair_check)
 settings = {"model": args.model, "calib": Path(args.calib).name, "num_samples": args.num_samples,
-            "repair_check": args.repair_check,
+            "repair_check": args.repair_check, "repair_check_len": 2048,
             "seq_len": args.seq_len, "steps": args.steps, "recon_samples": args.recon_samples, "windows": windows}
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -94,22 +94,25 @@ def repaired_perplexity(structure) -> tuple[float, float, float | None]:
     t0 = time.perf_counter()
     reconstruct(pruned, model, structure, calib, ReconstructConfig(samples=args.recon_samples), progress=False)
     seconds = time.perf_counter() - t0
-    kl = kl_to_dense(pruned, model, held_out) if held_out is not None else None
-    return dms_llm.perplexity(pruned, tokens=tokens, max_windows=windows, progress=False)["ppl"], seconds, kl
+    scores = held_out_scores(pruned, model, held_out, batch_size=1) if held_out is not None else None
+    return dms_llm.perplexity(pruned, tokens=tokens, max_windows=windows, progress=False)["ppl"], seconds, scores
 
 
 def add(mode, keep, variant, structure, search_seconds, **extra) -> None:
-    ppl, recon_seconds, kl = repaired_perplexity(structure)
+    ppl, recon_seconds, scores = repaired_perplexity(structure)
+    kl = scores["kl"] if scores else None
     row = {"mode": mode, "keep": keep, "variant": variant, "params": resources.of_structure(structure),
            "attn_blocks": sum(bool(x.kv_heads) for x in structure.layers),
            "mlp_blocks": sum(bool(x.channels) for x in structure.layers), "ppl_recon": ppl,
            "search_seconds": round(search_seconds, 1), "recon_seconds": round(recon_seconds, 1),
-           "kl_repaired": kl, **extra}
+           "kl_repaired": kl, "lm_repaired": scores["lm"] if scores else None,
+           "structure": structure.to_dict(), **extra}
     rows.append(row)
     save()
     print(f"{mode:9s} keep {keep} {variant:28s} blocks {row['attn_blocks']}/{row['mlp_blocks']}  "
           f"ppl+recon {ppl:9.2f}  check loss {extra.get('check_loss', float('nan')):.4f}  held-out KL after "
-          f"repair {kl if kl is not None else float('nan'):.4f}", flush=True)
+          f"repair {kl if kl is not None else float('nan'):.4f}, LM {scores['lm'] if scores else float('nan'):.4f}",
+          flush=True)
 
 
 def variant_name(removed: dict, searched: bool) -> str:
@@ -163,8 +166,8 @@ lines = [START, "", f"### Depth check — {args.model}: removing fewer blocks at
          f"perplexity on the first {windows} windows of 2048 tokens of `{Path(args.eval_data).name}` (the peer "
          f"table's protocol). Check loss: KL + LM on the first 16 calibration windows, before the repair (what the "
          f"search's depth check compares; **bold** = its choice); held-out KL after repair: KL to the dense model "
-         f"on {args.repair_check} calibration windows neither the search nor the repair read (← = the candidate "
-         f"`dms-llm prune` keeps, its depth check after the repair). Command: `{command}`.", "",
+         f"on {args.repair_check} calibration windows of 2048 tokens neither the search nor the repair read (← = "
+         f"the candidate `dms-llm prune` keeps, its depth check after the repair). Command: `{command}`.", "",
          "| mode | keep | structure | attn / MLP blocks | params | check loss | held-out KL after repair | "
          "ppl + recon |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]

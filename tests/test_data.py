@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dms_llm.data import DataError, calibration_windows, load_text
+from dms_llm.data import DataError, calibration_windows, load_text, tokenize_text
 
 
 class CharTokenizer:
@@ -68,22 +68,29 @@ def test_calibration_windows_are_seeded_and_checked(tmp_path):
         calibration_windows(tok, path, seq_len=500, num_samples=5)
 
 
-def test_held_out_windows_are_the_ones_calibration_does_not_take(tmp_path):
+def test_held_out_windows_share_no_token_with_the_calibration_windows(tmp_path):
     from dms_llm.data import held_out_windows
 
     path = tmp_path / "t.txt"
-    codes = torch.randint(0, 90, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    codes = torch.randint(0, 90, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
     path.write_text("".join(chr(33 + c) for c in codes))
     tok = CharTokenizer()
+    ids = tokenize_text(tok, path.read_text())
     calib = calibration_windows(tok, path, seq_len=50, num_samples=5, seed=1)
-    held = held_out_windows(tok, path, 50, 5, 4, seed=1)
-    assert held.shape == (4, 50)
-    rows = {tuple(r.tolist()) for r in torch.cat([calib, held])}
-    assert len(rows) == 9  # none of them is a calibration window
-    text = path.read_text()
-    assert all("".join(chr(c) for c in r) in text for r in rows)
-    assert held_out_windows(tok, path, 50, 5, 100, seed=1).shape == (15, 50)  # what is left: 20 windows - 5
-    assert held_out_windows(tok, path, 50, 20, 4, seed=1) is None
+
+    def spans(windows):  # where each window lies in the text (the text is random: each window occurs once)
+        starts = [next(k for k in range(len(ids) - w.numel() + 1) if torch.equal(ids[k:k + w.numel()], w))
+                  for w in windows]
+        return [set(range(k, k + windows.shape[1])) for k in starts]
+
+    taken = set().union(*spans(calib))
+    for length in (50, 200):
+        held = held_out_windows(tok, path, 50, 5, 4, seed=1, length=length)
+        assert held.shape == (4, length)
+        assert all(not (span & taken) for span in spans(held))
+    assert torch.equal(calib, calibration_windows(tok, path, 50, 5, seed=1))  # unchanged by the held-out draw
+    assert len(held_out_windows(tok, path, 50, 5, 100, seed=1, length=200)) < 10  # only the free ones
+    assert held_out_windows(tok, path, 50, 40, 4, seed=1, length=2000) is None  # none free
     assert held_out_windows(tok, path, 50, 5, 0, seed=1) is None
 
 

@@ -186,10 +186,10 @@ def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_fold
 
     config = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, patience=3, depth_check=4)
     job = PruneJob(str(dense_folder), str(tmp_path / "out"), config, calib=str(text_file), seq_len=32,
-                   num_samples=8, recon_samples=4, repair_check=4, eval_data=None)
+                   num_samples=8, recon_samples=4, repair_check=3, repair_check_len=128, eval_data=None)
     run = prune_checkpoint(job, progress=False)
     checked = run.info["search"]["depth_check"]
-    assert len(checked) > 1 and run.info["search"]["depth_check_after_repair"] == 4
+    assert len(checked) > 1 and run.info["search"]["depth_check_after_repair"] == 3
     kls = [c["kl_repaired"] for c in checked]
     chosen = [i for i, c in enumerate(checked) if c["chosen"]]
     assert len(chosen) == 1 and kls[chosen[0]] == min(kls)
@@ -197,7 +197,8 @@ def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_fold
     assert run.search.pruned_resource == checked[chosen[0]]["resource"] <= run.search.target_resource
     dense, tokenizer, _ = load_model(str(dense_folder))
     exported, _, _ = load_model(str(tmp_path / "out"), trust_remote_code=True, check_supported=False)
-    held_out = held_out_windows(tokenizer, text_file, 32, 8, 4)
+    held_out = held_out_windows(tokenizer, text_file, 32, 8, 3, length=128)
+    assert held_out.shape == (3, 128)
     assert abs(kl_to_dense(exported, dense, held_out) - kls[chosen[0]]) < 1e-4
     off = prune_checkpoint(dataclasses.replace(job, out=str(tmp_path / "off"), repair_check=0), progress=False)
     assert off.info["search"]["depth_check_after_repair"] == 0
