@@ -77,8 +77,9 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
     ]
     if per_layer:
         lines += ["Each layer has its own number of heads and MLP channels, so the config and modeling code "
-                  "(`configuration_dms_llama.py`, `modeling_dms_llama.py`, built on transformers' Llama / Qwen3 "
-                  "modules) are saved beside the weights; only `transformers` is needed to load it, not dms-llm. The "
+                  "(`configuration_dms_llama.py`, `modeling_dms_llama.py`, built on transformers' own Llama, Qwen "
+                  "and Gemma modules) are saved beside the weights; only `transformers` is needed to load it, not "
+                  "dms-llm. The "
                   "tokenizer takes `trust_remote_code=True` too: transformers reads the model's config before the "
                   "tokenizer's files and would otherwise stop to ask whether to run that code. "
                   "peft LoRA adapters apply to it as to any Llama.", ""]

@@ -27,8 +27,11 @@ ATTENTION_KEYS = {False: ("self_attn.", "input_layernorm."),
                   True: ("self_attn.", "input_layernorm.", "post_attention_layernorm.")}
 MLP_KEYS = {False: ("mlp.", "post_attention_layernorm."),
             True: ("mlp.", "pre_feedforward_layernorm.", "post_feedforward_layernorm.")}
-PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types the per-layer format describes
-FAMILY_ONLY_KEYS = ("use_sliding_window", "max_window_layers", "layer_types", "sliding_window")  # said otherwise there
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # what the per-layer format describes
+# source config keys the per-layer config says otherwise (layer_types, sliding_window, hidden_act) or not at all
+FAMILY_ONLY_KEYS = ("use_sliding_window", "max_window_layers", "layer_types", "sliding_window", "hidden_activation",
+                    "sliding_window_pattern", "rope_local_base_freq", "attn_logit_softcapping",
+                    "use_bidirectional_attention", "_sliding_window_pattern")
 
 
 @dataclass
@@ -97,16 +100,31 @@ def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = Fa
         )
     from .modeling.configuration_dms_llama import DMSLlamaConfig
 
+    source = model.config
+    windows = [layer_windows(source)[i] for i in kept]
+    window = next((w for w in layer_windows(source) if w), None)  # one window per family, on its sliding layers
+    gemma = shape.model_type == "gemma3_text"
     for key in FAMILY_ONLY_KEYS:
         base.pop(key, None)
+    layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
+    rope = base.get("rope_parameters")
+    if isinstance(rope, dict) and all(isinstance(rope.get(t), dict) for t in set(layer_types)):
+        base["rope_parameters"] = {t: rope[t] for t in sorted(set(layer_types))}  # one per kept layer type (Gemma)
     base.update(
         layer_num_key_value_heads=[len(structure.layers[i].kv_heads) for i in kept],
         layer_intermediate_sizes=[len(structure.layers[i].channels) for i in kept],
         output_bias=output_bias,
         source_model_type=shape.model_type,
         qkv_bias=shape.model_type == "qwen2",
-        qk_norm=shape.model_type == "qwen3",
-        sliding_window=_sliding_window(model.config, [i for i in kept if structure.layers[i].kv_heads]),
+        qk_norm=shape.qk_norm,
+        layer_types=layer_types,
+        sliding_window=window,
+        sandwich_norms=shape.sandwich_norms,
+        norm_unit_offset=gemma,
+        embed_scale=float(source.hidden_size**0.5) if gemma else None,
+        query_pre_attn_scalar=getattr(source, "query_pre_attn_scalar", None) if gemma else None,
+        final_logit_softcapping=getattr(source, "final_logit_softcapping", None),
+        hidden_act=getattr(source, "hidden_activation", None) or source.hidden_act,
     )
     return DMSLlamaConfig(**base)
 
@@ -114,29 +132,12 @@ def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = Fa
 def check_per_layer_support(model: nn.Module) -> None:
     """ExportError, before any search, when a per-layer export of ``model`` could not be written."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type == "gemma3_text":
-        raise ExportError("Gemma 3's layers alternate sliding-window and global attention, each with its own rotary "
-                          "embedding, and add a norm after every block; dms-llm's per-layer format does not describe "
-                          "them yet. Search with --uniform (a stock Gemma3ForCausalLM)")
     if model_type not in PER_LAYER_FAMILIES:
         raise ExportError(f"per-layer export supports {', '.join(PER_LAYER_FAMILIES)} models, not "
                           f"{model_type!r}; search with --uniform (a stock checkpoint of the source's class)")
-    windows = set(layer_windows(model.config))
-    if len(windows) > 1:
-        raise ExportError(f"{type(model).__name__} mixes attention windows across layers ({sorted(windows, key=str)}); "
-                          f"dms-llm's per-layer format has one window for all blocks. Search with --uniform (the "
-                          f"stock class keeps each layer's window)")
-
-
-def _sliding_window(config, attention_layers: list[int]) -> int | None:
-    """The one window every kept attention block of a per-layer export uses; ExportError when they differ."""
-    windows = {layer_windows(config)[i] for i in attention_layers}
-    if len(windows) > 1:
-        raise ExportError(
-            f"the kept attention blocks mix attention windows ({sorted(windows, key=str)}); dms-llm's per-layer format "
-            f"has one window for all blocks. Search with --uniform (the stock class keeps each layer's window)"
-        )
-    return windows.pop() if windows else None
+    if getattr(model.config, "use_bidirectional_attention", False):
+        raise ExportError("this Gemma 3 model attends in both directions (an embedding model); dms-llm's per-layer "
+                          "format is causal. Search with --uniform (a stock Gemma3TextModel config)")
 
 
 def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None,

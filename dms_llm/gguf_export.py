@@ -132,11 +132,13 @@ def _read_folder(folder: Path) -> tuple[dict, dict]:
 def check_gguf_family(config: dict, what: str) -> None:
     """DMSError unless llama.cpp's llama / deci architectures compute the model of ``config`` (a config.json dict)."""
     model_type = config.get("model_type")
-    if model_type not in GGUF_FAMILIES or config.get("qk_norm"):
-        family = config.get("source_model_type", model_type)
+    family = config.get("source_model_type", model_type)
+    if model_type not in GGUF_FAMILIES or family not in GGUF_FAMILIES or config.get("qk_norm"):
+        missing = {"qwen3": "per-head q/k norms",
+                   "gemma3_text": "Gemma 3's norms after each block, scaled embeddings and per-head q/k norms"}
         raise DMSError(f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral and Qwen2 "
                        f"exports (per-layer or uniform) — llama.cpp's deci / llama architectures have no place for "
-                       f"{'per-head q/k norms' if family == 'qwen3' or config.get('qk_norm') else 'this family'}")
+                       f"{missing.get(family, 'per-head q/k norms' if config.get('qk_norm') else 'this family')}")
 
 
 class _Tensor:

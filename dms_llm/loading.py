@@ -68,7 +68,7 @@ def resolve_source(name_or_path: str) -> tuple[str, str | None, Path | None]:
     return name_or_path, None, None  # a Hub id
 
 
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def gguf_architecture(path: str | Path) -> str:

@@ -60,7 +60,7 @@ class ModelShape:
         arch = ", ".join(getattr(config, "architectures", None) or [type(model).__name__])
         supported = (
             "decoder-only Llama-family models whose layers have self_attn.{q,k,v,o}_proj and "
-            "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3; Gemma 3 text models with --uniform)"
+            "mlp.{gate,up,down}_proj (Llama 1/2/3, SmolLM, Mistral, Qwen2, Qwen3, Gemma 3 text models)"
         )
         if model_type == "dms_llama":
             raise UnsupportedModelError(

@@ -1,4 +1,4 @@
-"""Every supported family (Llama 3, Mistral, Qwen2, Qwen3) per layer and uniform, on tiny random configs."""
+"""Every supported family (Llama 3, Mistral, Qwen2, Qwen3, Gemma 3) per layer and uniform, on tiny random configs."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from dms_llm.exporter import ExportError, check_per_layer_support, export
 from dms_llm.gates import hard_masked
@@ -24,6 +24,12 @@ FAMILIES = {
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),  # shorter than the test sequences
     "qwen2": lambda: Qwen2Config(**{**COMMON, "num_key_value_heads": 4, "tie_word_embeddings": True}),  # MHA, biases
     "qwen3": lambda: Qwen3Config(**COMMON),
+    # Qwen2 with windows on its upper layers (max_window_layers): layers of both kinds in one model
+    "qwen2_windows": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    # Gemma 3: 5:1 sliding / global layers with a rotary embedding each, sandwich norms, scaled embeddings,
+    # query_pre_attn_scalar (unlike head_dim here), a final softcap (Gemma 2's, kept as an option by Gemma 3)
+    "gemma3": lambda: Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6, "tie_word_embeddings": True},
+                                       sliding_window=8, query_pre_attn_scalar=32, final_logit_softcapping=5.0),
 }
 
 
@@ -32,8 +38,8 @@ def tiny(family: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
     with torch.no_grad():  # spread norms and biases so that every feature changes the logits
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+            if "norm" in name:  # Gemma's norms scale by 1 + weight
+                p.uniform_(-0.5, 0.5) if family == "gemma3" else p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0, 0.5)
     return model
@@ -71,18 +77,37 @@ def test_per_layer_export_matches_masked_model_and_decodes(tmp_path, family):
     generated = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         full = reloaded(input_ids=generated).logits[0, 11:-1].argmax(-1)
-    assert torch.equal(generated[0, 12:], full)
+        assert torch.equal(generated[0, 12:], full)
+        # token by token with the cache and no position ids: the cache itself must know how many tokens it holds
+        # (layer 0 has no attention here), and a left-padded batch decodes as its rows do alone
+        out = reloaded(input_ids=ids[:, :10], use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        steps = [out.logits] + [reloaded(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits
+                                for t in range(10, 24)]
+        assert (torch.cat(steps, 1) - reloaded(input_ids=ids).logits).abs().max() <= 1e-4
+        mask = torch.ones_like(ids)
+        mask[1, :6] = 0
+        padded = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        alone = reloaded.generate(input_ids=ids[1:, 6:], max_new_tokens=6, do_sample=False)
+    assert torch.equal(padded[1, 24:], alone[0, 18:])
 
 
 def test_features_are_carried_and_matter(tmp_path):
-    """The window, the q/k norms, the qkv biases and Llama 3's rope are each used: changing one changes the logits."""
+    """Every family feature of the per-layer config is used: changing one changes the logits."""
     ids = torch.randint(0, 128, (1, 24))
-    for family, key, value in [("mistral", "sliding_window", None), ("qwen3", "qk_norm", False),
-                               ("qwen2", "qkv_bias", False), ("llama3", "rope_parameters", {"rope_type": "default",
-                                                                                            "rope_theta": 500000.0})]:
+    one_rope = {"rope_type": "default", "rope_theta": 1e6}
+    for family, key, value in [("mistral", "sliding_window", 64), ("qwen3", "qk_norm", False),
+                               ("qwen2", "qkv_bias", False),
+                               ("llama3", "rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
+                               ("qwen2_windows", "layer_types", ["full_attention"] * 3),
+                               ("gemma3", "layer_types", ["sliding_attention"] * 5),
+                               ("gemma3", "rope_parameters", dict.fromkeys(("sliding_attention", "full_attention"),
+                                                                           one_rope)),
+                               ("gemma3", "norm_unit_offset", False), ("gemma3", "embed_scale", None),
+                               ("gemma3", "query_pre_attn_scalar", None), ("gemma3", "final_logit_softcapping", None)]:
         model = tiny(family)
         s = removals(model)
-        folder = export(model, s, tmp_path / family).path
+        folder = export(model, s, tmp_path / f"{family}-{key}").path
         good = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)(input_ids=ids).logits
         config = json.loads((folder / "config.json").read_text())
         assert config[key] != value, (family, key)
@@ -93,20 +118,24 @@ def test_features_are_carried_and_matter(tmp_path):
 
 
 def test_per_layer_export_loads_without_dms_llm(tmp_path):
-    """A copy of the folder loads where dms-llm is not installed (only transformers), with the same logits."""
-    model = tiny("qwen3")
-    s = removals(model)
-    folder = export(model, s, tmp_path / "p").path
-    copy = shutil.copytree(folder, tmp_path / "elsewhere" / "copy")
+    """A copy of each family's folder loads where dms-llm is not installed (only transformers), with the same
+    logits and the same greedy continuation."""
     ids = torch.randint(0, 128, (1, 16))
-    torch.save({"ids": ids, "logits": masked_logits(model, s, ids)}, tmp_path / "expected.pt")
+    for family in FAMILIES:
+        model = tiny(family)
+        s = removals(model)
+        shutil.copytree(export(model, s, tmp_path / family).path, tmp_path / "elsewhere" / family)
+        torch.save(masked_logits(model, s, ids), tmp_path / f"{family}.pt")
     code = f"""
 import sys, torch
 sys.modules['dms_llm'] = None  # importing dms_llm fails here
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(copy)!r}, trust_remote_code=True)
-e = torch.load({str(tmp_path / 'expected.pt')!r})
-assert (m(input_ids=e['ids']).logits - e['logits']).abs().max() <= 1e-4
+ids = torch.tensor({ids.tolist()})
+for family in {list(FAMILIES)}:
+    m = AutoModelForCausalLM.from_pretrained(family, trust_remote_code=True)
+    assert (m(input_ids=ids).logits - torch.load({str(tmp_path)!r} + f'/{{family}}.pt')).abs().max() <= 1e-4, family
+    out = m.generate(ids[:, :8], max_new_tokens=8, do_sample=False)
+    assert torch.equal(out[0, 8:], m(input_ids=out).logits[0, 7:-1].argmax(-1)), family
 print('ok')
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "elsewhere")
@@ -131,21 +160,13 @@ def test_search_meets_budget_and_exports(tmp_path, family, uniform, calib):
     assert (reloaded(input_ids=ids).logits - masked_logits(model, result.structure, ids)).abs().max() <= 1e-4
 
 
-def test_mixed_attention_windows_stop_per_layer_export_with_advice(tmp_path):
-    config = Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=2)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
-    s = Structure.dense(ModelShape.from_model(model))
-    s.layers[0].channels = s.layers[0].channels[:8]
-    with pytest.raises(ExportError, match="--uniform"):
-        export(model, s, tmp_path / "p")
-    with pytest.raises(ExportError, match="mixes attention windows.*--uniform"):  # what prune checks before searching
-        check_per_layer_support(model)
-    assert not (tmp_path / "p").exists()
-    s.layers[2].kv_heads = s.layers[3].kv_heads = []  # only full-attention blocks kept: one window, exportable
-    reloaded = AutoModelForCausalLM.from_pretrained(export(model, s, tmp_path / "p").path, trust_remote_code=True)
-    ids = torch.randint(0, 128, (1, 20))
-    assert (reloaded(input_ids=ids).logits - masked_logits(model, s, ids)).abs().max() <= 1e-4
+def test_per_layer_check_passes_every_family_and_refuses_a_bidirectional_gemma():
+    for family in FAMILIES:
+        check_per_layer_support(tiny(family))
+    config = FAMILIES["gemma3"]()
+    config.use_bidirectional_attention = True  # EmbeddingGemma-style: not a causal LM
+    with pytest.raises(ExportError, match="both directions.*--uniform"):
+        check_per_layer_support(AutoModelForCausalLM.from_config(config))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -202,19 +223,12 @@ def kl_gap(student, teacher, ids) -> float:
     return kl_divergence(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
 
 
-# Gemma 3 text models: uniform only (the per-layer format has one attention window; Gemma alternates two)
-def tiny_gemma(seed: int = 0):
-    from transformers import Gemma3TextConfig
+# Gemma 3 text models: what is particular to them
 
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6, "tie_word_embeddings": True}, sliding_window=8,
-                              query_pre_attn_scalar=16)
-    assert config.layer_types.count("sliding_attention") == 5  # Gemma's 5:1 pattern, window shorter than the tests
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5)  # Gemma's norms scale by 1 + weight
+
+def tiny_gemma(seed: int = 0):
+    model = tiny("gemma3", seed)
+    assert model.config.layer_types.count("sliding_attention") == 5  # Gemma's 5:1 pattern, window shorter than tests
     return model
 
 
@@ -262,7 +276,7 @@ def test_gemma3_gates_act_after_the_block_norms_and_the_runner_reproduces_the_mo
         assert abs(runner_loss(model, ids) - model(input_ids=ids, labels=ids).loss.item()) <= 1e-4
 
 
-def test_gemma3_reconstruction_lowers_block_errors_and_per_layer_is_refused_with_advice(tmp_path):
+def test_gemma3_reconstruction_lowers_block_errors_without_take_over():
     from dms_llm.exporter import build_pruned_model
     from dms_llm.reconstruct import ReconstructConfig, reconstruct
 
@@ -279,17 +293,12 @@ def test_gemma3_reconstruction_lowers_block_errors_and_per_layer_is_refused_with
     assert len(report["blocks"]) == 10 and not any(r["absorbs"] for r in report["blocks"])
     assert all(r["error_after"] < r["error_before"] for r in report["blocks"] if r["error_before"] > 1e-9)
     assert kl_gap(pruned, model, windows) < before
-    s.layers[0].channels = s.layers[0].channels[:8]  # per layer
-    with pytest.raises(ExportError, match="Gemma 3.*--uniform"):
-        check_per_layer_support(model)
-    with pytest.raises(ExportError, match="--uniform"):
-        export(model, s, tmp_path / "p")
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3"])
 def test_finetune_and_eval_take_every_family_per_layer(family):
-    """Recovery (LoRA, merged) closes the gap to the dense teacher on a per-layer Mistral / Qwen export and keeps its
-    shapes; perplexity evaluation runs on it."""
+    """Recovery (LoRA, merged) closes the gap to the dense teacher on a per-layer Mistral / Qwen / Gemma export and
+    keeps its shapes; perplexity evaluation runs on it."""
     import dms_llm
     from dms_llm.exporter import build_pruned_model
     from dms_llm.recovery import FinetuneConfig, finetune

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from dms_llm.errors import DMSError
 from dms_llm.exporter import export
+from dms_llm.gates import hard_masked
 from dms_llm.gguf_export import (
     CHECK_TEXT,
     GGUFExportError,
@@ -312,16 +313,16 @@ def family_model(family: str):
     from .test_families import tiny as tiny_family
 
     model = tiny_family(family)
-    if family == "mistral":
+    if family in ("mistral", "qwen2_windows"):
         model.config.sliding_window = 48  # longer than the logits compared below, shorter than the check text
     return with_bpe_vocabulary(model)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama3"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama3", "qwen2_windows"])
 @pytest.mark.parametrize("shape", ["per-layer", "uniform"])
 def test_llama_cpp_reproduces_other_families(tmp_path, bpe_tokenizer, family, shape):
-    """Qwen2 (q/k/v biases, permuted with their rows), Mistral (its window becomes the declared context), Llama 3
-    (rope_freqs): llama.cpp's logits equal the export's."""
+    """Qwen2 (q/k/v biases, permuted with their rows), Mistral and Qwen2 with windows on some layers (the window
+    becomes the declared context), Llama 3 (rope_freqs): llama.cpp's logits equal the export's."""
     from .test_families import removals
 
     model = family_model(family)
@@ -339,20 +340,22 @@ def test_llama_cpp_reproduces_other_families(tmp_path, bpe_tokenizer, family, sh
     assert (got - expected).abs().max() <= 1e-3
     reader = gguf.GGUFReader(str(result.path))
     names = {t.name for t in reader.tensors}
-    assert any(n.endswith("attn_q.bias") for n in names) == (family == "qwen2")
+    assert any(n.endswith("attn_q.bias") for n in names) == family.startswith("qwen2")
     assert ("rope_freqs.weight" in names) == (family == "llama3")
     context = reader.fields[f"{result.architecture}.context_length"].contents()
-    assert context == (48 if family == "mistral" else 256)
+    assert context == (48 if family in ("mistral", "qwen2_windows") else 256)
 
 
 def test_families_llama_cpp_cannot_express_are_refused(tmp_path, bpe_tokenizer):
     from .test_families import removals
 
-    model = family_model("qwen3")
-    for name, structure in [("per-layer", removals(model)), ("uniform", Structure.dense(ModelShape.from_model(model)))]:
-        folder = export(model, structure, tmp_path / name, tokenizer=bpe_tokenizer).path
-        with pytest.raises(DMSError, match="'qwen3' model.*Llama, Mistral and Qwen2.*q/k norms"):
-            write_gguf(folder, tmp_path / f"{name}.gguf", "f32")
+    for family, model_type in (("qwen3", "qwen3"), ("gemma3", "gemma3_text")):
+        model = family_model(family)
+        for name, structure in [("per-layer", removals(model)),
+                                ("uniform", Structure.dense(ModelShape.from_model(model)))]:
+            folder = export(model, structure, tmp_path / f"{family}-{name}", tokenizer=bpe_tokenizer).path
+            with pytest.raises(DMSError, match=f"'{model_type}' model.*Llama, Mistral and Qwen2.*q/k norms"):
+                write_gguf(folder, tmp_path / f"{family}-{name}.gguf", "f32")
     assert not list(tmp_path.glob("*.gguf"))
 
 
@@ -394,3 +397,71 @@ def test_gguf_files_of_other_families_load_like_the_embedded_default(tmp_path, b
     assert len(tokenizer) == VOCAB  # (transformers rebuilds a qwen2 GGUF's tokenizer with Qwen2's own split rule)
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def llama_cpp_named_gguf(model, tokenizer, path, arch: str):
+    """A GGUF of llama.cpp's own ``arch`` (qwen3, gemma3) laid out as llama.cpp's converter writes it: tensors under
+    gguf-py's names for that architecture, q/k not permuted (these architectures rotate halves, as Hugging Face does),
+    Gemma's norms stored as 1 + weight. dms-llm does not write these (its writer targets llama / deci); users bring
+    them from the Hub."""
+    from dms_llm.gguf_export import _build_tokenizer
+
+    c = model.config
+    names = gguf.get_tensor_name_map({"qwen3": gguf.MODEL_ARCH.QWEN3, "gemma3": gguf.MODEL_ARCH.GEMMA3}[arch],
+                                     c.num_hidden_layers)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    writer = gguf.GGUFWriter(str(path), arch)
+    for add, value in [("context_length", c.max_position_embeddings), ("embedding_length", c.hidden_size),
+                       ("block_count", c.num_hidden_layers), ("feed_forward_length", c.intermediate_size),
+                       ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
+                       ("key_length", c.head_dim), ("value_length", c.head_dim),
+                       ("layer_norm_rms_eps", c.rms_norm_eps), ("rope_freq_base", rope["rope_theta"])]:
+        getattr(writer, f"add_{add}")(value)
+    if arch == "gemma3":
+        writer.add_sliding_window(c.sliding_window)
+    _build_tokenizer(writer, tokenizer, c.vocab_size)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        data = tensor.float().numpy()
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3", "gemma3")])
+def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bpe_tokenizer, family, arch):
+    """GGUF files of Qwen3 and Gemma 3 (llama.cpp's qwen3 / gemma3 architectures) load through dms-llm's GGUF path
+    with the model's logits, and prune per layer from there."""
+    from dms_llm.loading import load_model
+
+    from .test_families import FAMILIES, removals
+
+    config = FAMILIES[family]()
+    # what these GGUFs can say: transformers reads no head size for qwen3 (Qwen3Config's 128, as in every Qwen3
+    # release) and no query scale or softcap for gemma3 (256 and none, as in Gemma 3's releases)
+    if family == "qwen3":
+        config.head_dim = 128
+    else:
+        config.query_pre_attn_scalar, config.final_logit_softcapping = 256, None
+    torch.manual_seed(0)
+    model = with_bpe_vocabulary(AutoModelForCausalLM.from_config(config).eval())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5) if family == "gemma3" else p.uniform_(0.5, 1.5)
+    path = llama_cpp_named_gguf(model, bpe_tokenizer, tmp_path / f"{family}.gguf", arch)
+    loaded, tokenizer, _ = load_model(str(path))
+    assert type(loaded) is type(model) and loaded.config.model_type == model.config.model_type
+    ids = torch.tensor([bpe_tokenizer(CHECK_TEXT[:120]).input_ids])
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-4
+    s = removals(loaded)
+    reloaded = AutoModelForCausalLM.from_pretrained(export(loaded, s, tmp_path / "p").path, trust_remote_code=True)
+    with torch.no_grad(), hard_masked(loaded, s):
+        assert (reloaded(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max() <= 1e-4
