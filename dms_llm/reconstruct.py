@@ -239,21 +239,28 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
 
 
 @torch.no_grad()
-def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict:
+def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                    sliced: list[torch.Tensor] | None = None) -> dict:
     """``{"kl", "lm"}``: the mean per-token KL(dense || pruned) of the next-token distributions and ``pruned``'s
-    next-token cross-entropy over ``windows`` ((N, T) token ids)."""
+    next-token cross-entropy over ``windows`` ((N, T) token ids). Given ``sliced`` (the projections before the
+    repair), also ``"kl_sliced"``: the KL of ``pruned`` with those restored (one dense pass serves both)."""
     from .training import kl_divergence, lm_loss
 
     modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
     pruned.eval(), dense.eval()
-    kl = lm = 0.0
+    repaired = [t.detach().clone() for t in _projections(pruned)] if sliced is not None else None
+    total = {"kl": 0.0, "lm": 0.0, **({"kl_sliced": 0.0} if sliced is not None else {})}
     for i in range(0, len(windows), batch_size):
         ids = windows[i: i + batch_size].to(device)
-        logits = pruned(input_ids=ids).logits
-        kl += float(kl_divergence(logits, dense(input_ids=ids).logits)) * len(ids)
-        lm += float(lm_loss(logits, ids)) * len(ids)
+        target, logits = dense(input_ids=ids).logits, pruned(input_ids=ids).logits
+        total["kl"] += float(kl_divergence(logits, target)) * len(ids)
+        total["lm"] += float(lm_loss(logits, ids)) * len(ids)
+        if sliced is not None:
+            _restore(pruned, sliced)
+            total["kl_sliced"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
+            _restore(pruned, repaired)
     pruned.train(modes[0]), dense.train(modes[1])
-    return {"kl": kl / len(windows), "lm": lm / len(windows)}
+    return {k: v / len(windows) for k, v in total.items()}
 
 
 def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -297,28 +304,12 @@ def _restore(model: nn.Module, saved: list[torch.Tensor]) -> None:
         t.copy_(value)
 
 
-@torch.no_grad()
 def _gaps(pruned: nn.Module, dense: nn.Module, sliced: list[torch.Tensor] | None, windows: torch.Tensor,
           batch_size: int) -> dict:
-    """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows``: ``{"repaired"}`` for
-    ``pruned`` as it is and, given the ``sliced`` projections, ``"sliced"`` for ``pruned`` with those (one dense
-    forward pass serves both)."""
-    from .training import kl_divergence
-
-    modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
-    pruned.eval(), dense.eval()
-    repaired = [t.detach().clone() for t in _projections(pruned)] if sliced is not None else None
-    total = {"repaired": 0.0, **({"sliced": 0.0} if sliced is not None else {})}
-    for i in range(0, len(windows), batch_size):
-        ids = windows[i: i + batch_size].to(device)
-        target = dense(input_ids=ids).logits
-        total["repaired"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
-        if sliced is not None:
-            _restore(pruned, sliced)
-            total["sliced"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
-            _restore(pruned, repaired)
-    pruned.train(modes[0]), dense.train(modes[1])
-    return {k: v / len(windows) for k, v in total.items()}
+    """The repair's own check: ``{"repaired"}`` (and, given the ``sliced`` projections, ``"sliced"``), the KL of
+    ``pruned`` to ``dense`` over ``windows`` after (and before) the repair."""
+    scores = held_out_scores(pruned, dense, windows, batch_size, sliced)
+    return {"repaired": scores["kl"], **({"sliced": scores["kl_sliced"]} if sliced is not None else {})}
 
 
 def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: torch.Tensor,
