@@ -78,6 +78,7 @@ class Methods:
         self.dms_key = f"-rc{held_out.shape[0]}x{held_out.shape[1]}" if held_out is not None else ""
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
+        self._repaired = {}  # structure key -> (repaired model, repair seconds) left by the depth check
 
     def structure(self, method: str, keep: float):
         """(structure, seconds it took to find it — also when it comes from the cache)."""
@@ -131,9 +132,11 @@ class Methods:
 
         if self.held_out is None or len(result.candidates) < 2:
             return result.structure
-        index, *_ = choose_after_repair(self.model, result.candidates, self.calib, self.held_out,
-                                        ReconstructConfig(samples=self.recon_samples))
-        return result.candidates[index]
+        index, _, repaired, record = choose_after_repair(self.model, result.candidates, self.calib, self.held_out,
+                                                         ReconstructConfig(samples=self.recon_samples))
+        structure = result.candidates[index]
+        self._repaired[_key(structure)] = (repaired, record["seconds"])  # its +recon row takes it as it is
+        return structure
 
     def _cache_path(self, method: str, keep: float) -> Path | None:
         key = self.key + (self.dms_key if method.startswith("dms") else "")
@@ -163,6 +166,9 @@ class Methods:
 
         method, recon = name.removesuffix("+recon"), name.endswith("+recon")
         structure, seconds = self.structure(method, keep)
+        if recon and _key(structure) in self._repaired:  # repaired already, by the depth check after the repair
+            pruned, recon_seconds = self._repaired.pop(_key(structure))
+            return pruned, structure, seconds, recon_seconds
         if recon:
             pruned = dms_llm.build_pruned_model(self.model, structure)
             t0 = time.perf_counter()
@@ -175,6 +181,12 @@ class Methods:
             self._stats = self._stats or baselines.activation_stats(self.model, self.calib)
             baselines.flap_bias(pruned, self.model, structure, self._stats)
         return pruned, structure, seconds, None
+
+
+def _key(structure) -> str:
+    import json
+
+    return json.dumps(structure.to_dict(), sort_keys=True)
 
 
 def best_peers(results: str | Path, keep: float, n: int = 2, fallback=("flap+recon", "minitron_width+recon")) -> list:
