@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from dms_llm.resources import count_parameters
 
 integration = pytest.mark.integration
+# the depth check after the repair scores every candidate on held-out windows (by default 4 x 2048 tokens, minutes on
+# two cores); short windows keep these runs short and still take that path
+SHORT_REPAIR_CHECK = ("--repair-check", "2", "--repair-check-len", "128")
 
 
 def _run(*args):
@@ -43,7 +46,7 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     out = tmp_path / "OUT"
     proc = _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "128",
                 "--num-samples", "8", "--out", str(out), "--eval-data", "pydoc-heldout", "--eval-windows", "1",
-                "--eval-seq-len", "256", "--quiet")
+                "--eval-seq-len", "256", "--quiet", *SHORT_REPAIR_CHECK)
     assert "| parameters" in proc.stdout and "| perplexity" in proc.stdout and "search time" in proc.stdout
     model = _generate(out, trust_remote_code=True)
     assert count_parameters(model) <= 0.81 * 134_515_008
@@ -67,7 +70,7 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
 def test_prune_uniform_gives_stock_llama(tmp_path, calib_file):
     out = tmp_path / "U"
     _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "3", "--seq-len", "64",
-         "--num-samples", "4", "--out", str(out), "--uniform", "--no-eval", "--quiet")
+         "--num-samples", "4", "--out", str(out), "--uniform", "--no-eval", "--quiet", *SHORT_REPAIR_CHECK)
     model = LlamaForCausalLM.from_pretrained(out)  # no custom code
     assert count_parameters(model) <= 0.8 * 134_515_008
     _generate(out, trust_remote_code=False)
@@ -104,7 +107,8 @@ def test_bf16_search_on_smollm2_stays_finite(tmp_path, calib_file):
 
     out = tmp_path / "bf16"
     _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "64",
-         "--num-samples", "4", "--out", str(out), "--no-eval", "--quiet", "--mixed-precision", "bf16")
+         "--num-samples", "4", "--out", str(out), "--no-eval", "--quiet", "--mixed-precision", "bf16",
+         *SHORT_REPAIR_CHECK)
     log = [json.loads(line) for line in (out / "dms_search_log.jsonl").read_text().splitlines()]
     assert len(log) == 5 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in log)
 
