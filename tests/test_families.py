@@ -313,3 +313,30 @@ def test_finetune_and_eval_take_every_family_per_layer(family):
     assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes
     ppl = dms_llm.perplexity(pruned, tokens=windows.flatten(), seq_len=32, max_windows=4, progress=False)["ppl"]
     assert 1 < ppl < 1e4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_windows"])
+def test_prune_command_per_layer_on_a_gemma3_and_a_mixed_window_folder(tmp_path, text_file, family):
+    """`dms-llm prune FOLDER` as a user runs it, per layer (the default), on the two layouts the per-layer format
+    gained last: the search, the repair and both perplexities run, the export reloads at the recorded size, and its
+    card says how to load it."""
+    from .conftest import char_tokenizer
+
+    dense = tmp_path / "dense"
+    tiny(family).save_pretrained(dense)
+    char_tokenizer().save_pretrained(dense)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", str(dense), "--keep", "0.8", "--steps", "3",
+                           "--seq-len", "32", "--num-samples", "8", "--calib", str(text_file), "--eval-data",
+                           str(text_file), "--eval-windows", "2", "--eval-seq-len", "32", "--repair-check", "2",
+                           "--repair-check-len", "64", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "dms_structure.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert info["format"].startswith("per-layer") and config["source_model_type"] == tiny(family).config.model_type
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert count_parameters(reloaded) == info["params_after"] <= 0.8 * info["params_before"] + 1
+    assert info["reconstruction"]["blocks_refit"] > 0
+    assert all(1 < info["perplexity"][m]["ppl"] < 1e3 for m in ("dense", "pruned"))
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
