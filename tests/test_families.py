@@ -33,9 +33,13 @@ FAMILIES = {
 }
 
 
-def tiny(family: str, seed: int = 0):
+def tiny(family: str, seed: int = 0, **config_values):
+    """A tiny random model of ``family`` (FAMILIES), with ``config_values`` set on its config first."""
+    config = FAMILIES[family]()
+    for key, value in config_values.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # spread norms and biases so that every feature changes the logits
         for name, p in model.named_parameters():
             if "norm" in name:  # Gemma's norms scale by 1 + weight

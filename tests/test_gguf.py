@@ -440,21 +440,12 @@ def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bp
     with the model's logits, and prune per layer from there."""
     from dms_llm.loading import load_model
 
-    from .test_families import FAMILIES, removals
+    from .test_families import removals, tiny
 
-    config = FAMILIES[family]()
     # what these GGUFs can say: transformers reads no head size for qwen3 (Qwen3Config's 128, as in every Qwen3
     # release) and no query scale or softcap for gemma3 (256 and none, as in Gemma 3's releases)
-    if family == "qwen3":
-        config.head_dim = 128
-    else:
-        config.query_pre_attn_scalar, config.final_logit_softcapping = 256, None
-    torch.manual_seed(0)
-    model = with_bpe_vocabulary(AutoModelForCausalLM.from_config(config).eval())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(-0.5, 0.5) if family == "gemma3" else p.uniform_(0.5, 1.5)
+    said = {"head_dim": 128} if family == "qwen3" else {"query_pre_attn_scalar": 256, "final_logit_softcapping": None}
+    model = with_bpe_vocabulary(tiny(family, **said))
     path = llama_cpp_named_gguf(model, bpe_tokenizer, tmp_path / f"{family}.gguf", arch)
     loaded, tokenizer, _ = load_model(str(path))
     assert type(loaded) is type(model) and loaded.config.model_type == model.config.model_type
