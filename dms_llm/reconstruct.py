@@ -244,7 +244,7 @@ def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, 
     """``{"kl", "lm"}``: the mean per-token KL(dense || pruned) of the next-token distributions and ``pruned``'s
     next-token cross-entropy over ``windows`` ((N, T) token ids). Given ``sliced`` (the projections before the
     repair), also ``"kl_sliced"``: the KL of ``pruned`` with those restored (one dense pass serves both)."""
-    from .training import kl_divergence, lm_loss
+    from .training import lm_loss
 
     modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
     pruned.eval(), dense.eval()
@@ -253,14 +253,23 @@ def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, 
     for i in range(0, len(windows), batch_size):
         ids = windows[i: i + batch_size].to(device)
         target, logits = dense(input_ids=ids).logits, pruned(input_ids=ids).logits
-        total["kl"] += float(kl_divergence(logits, target)) * len(ids)
+        total["kl"] += _kl_sum(logits, target) / ids.shape[1]
         total["lm"] += float(lm_loss(logits, ids)) * len(ids)
         if sliced is not None:
             _restore(pruned, sliced)
-            total["kl_sliced"] += float(kl_divergence(pruned(input_ids=ids).logits, target)) * len(ids)
+            total["kl_sliced"] += _kl_sum(pruned(input_ids=ids).logits, target) / ids.shape[1]
             _restore(pruned, repaired)
     pruned.train(modes[0]), dense.train(modes[1])
     return {k: v / len(windows) for k, v in total.items()}
+
+
+def _kl_sum(logits: torch.Tensor, target: torch.Tensor, positions: int = 256) -> float:
+    """The summed per-token KL(target || logits) over every position, ``positions`` at a time: the fp32
+    log-probabilities of a long window over a large vocabulary would otherwise be several copies of its logits."""
+    from .training import kl_divergence
+
+    return sum(float(kl_divergence(logits[:, a: a + positions], target[:, a: a + positions]))
+               * logits[:, a: a + positions].shape[:2].numel() for a in range(0, logits.shape[1], positions))
 
 
 def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
