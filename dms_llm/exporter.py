@@ -101,8 +101,9 @@ def pruned_config(model: nn.Module, structure: Structure, output_bias: bool = Fa
     from .modeling.configuration_dms_llama import DMSLlamaConfig
 
     source = model.config
-    windows = [layer_windows(source)[i] for i in kept]
-    window = next((w for w in layer_windows(source) if w), None)  # one window per family, on its sliding layers
+    source_windows = layer_windows(source)
+    windows = [source_windows[i] for i in kept]
+    window = next((w for w in source_windows if w), None)  # one window per family, on its sliding layers
     gemma = shape.model_type == "gemma3_text"
     for key in FAMILY_ONLY_KEYS:
         base.pop(key, None)

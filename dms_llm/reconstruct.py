@@ -268,8 +268,11 @@ def _kl_sum(logits: torch.Tensor, target: torch.Tensor, positions: int = 256) ->
     log-probabilities of a long window over a large vocabulary would otherwise be several copies of its logits."""
     from .training import kl_divergence
 
-    return sum(float(kl_divergence(logits[:, a: a + positions], target[:, a: a + positions]))
-               * logits[:, a: a + positions].shape[:2].numel() for a in range(0, logits.shape[1], positions))
+    total = 0.0
+    for a in range(0, logits.shape[1], positions):
+        chunk = logits[:, a: a + positions]
+        total += float(kl_divergence(chunk, target[:, a: a + positions])) * chunk.shape[0] * chunk.shape[1]
+    return total
 
 
 def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:

@@ -434,8 +434,8 @@ def llama_cpp_named_gguf(model, tokenizer, path, arch: str):
     return path
 
 
-@pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3", "gemma3")])
-def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bpe_tokenizer, family, arch):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])  # also the names of llama.cpp's architectures
+def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bpe_tokenizer, family):
     """GGUF files of Qwen3 and Gemma 3 (llama.cpp's qwen3 / gemma3 architectures) load through dms-llm's GGUF path
     with the model's logits, and prune per layer from there."""
     from dms_llm.loading import load_model
@@ -446,7 +446,7 @@ def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bp
     # release) and no query scale or softcap for gemma3 (256 and none, as in Gemma 3's releases)
     said = {"head_dim": 128} if family == "qwen3" else {"query_pre_attn_scalar": 256, "final_logit_softcapping": None}
     model = with_bpe_vocabulary(tiny(family, **said))
-    path = llama_cpp_named_gguf(model, bpe_tokenizer, tmp_path / f"{family}.gguf", arch)
+    path = llama_cpp_named_gguf(model, bpe_tokenizer, tmp_path / f"{family}.gguf", family)
     loaded, tokenizer, _ = load_model(str(path))
     assert type(loaded) is type(model) and loaded.config.model_type == model.config.model_type
     ids = torch.tensor([bpe_tokenizer(CHECK_TEXT[:120]).input_ids])
