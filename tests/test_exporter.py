@@ -110,3 +110,24 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, gqa_model):
         export(gqa_model, s, out, overwrite=True, atol=-1.0)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "old.txt").read_text() == "previous export"
+
+
+def test_a_wrong_slice_is_caught_by_the_default_tolerance(gqa_model, monkeypatch):
+    """The sliced-vs-masked check (10x the reload check's tolerance, for the rounding a damaged model amplifies)
+    still stops a slice that moves one MLP channel's output weights onto its neighbour."""
+    import dms_llm.exporter as exporter
+
+    s = Structure.dense(ModelShape.from_model(gqa_model))
+    s.layers[1].channels = list(range(0, gqa_model.config.intermediate_size, 2))
+    exporter.build_pruned_model(gqa_model, s)  # the right slice passes
+    right = exporter._slice_layer
+
+    def shifted(state, layer_structure, shape):
+        out = right(state, layer_structure, shape)
+        if layer_structure is s.layers[1]:
+            out["mlp.down_proj.weight"] = out["mlp.down_proj.weight"].roll(1, dims=1)
+        return out
+
+    monkeypatch.setattr(exporter, "_slice_layer", shifted)
+    with pytest.raises(ExportError, match="differs"):
+        exporter.build_pruned_model(gqa_model, s)
