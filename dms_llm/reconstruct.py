@@ -40,7 +40,9 @@ mean-output bias on the previous kept block instead: 199.6; take-over and bias: 
 structure, none removed) targets taken from the dense model's *own* stream (so each block also corrects the drift of
 the layers before it) overfit the calibration text (46.1 with 32 windows against 40.4 here); fitting an output bias
 (the mean compensation FLAP uses) did not help (40.7 against 40.4), so no format gains a bias from it; choosing the
-kept units by their OBS cost instead of the search's importance gained 2% for minutes of extra work. On today's DMS
+kept units by their OBS cost instead of the search's importance gained 2% for minutes of extra work (re-measured
+2026-12-03 on today's search, MLP channels within the searched widths: uniform keep 0.8 34.85 against 34.79,
+per-layer keep 0.5 167.5 against 144.7 — the search's ranking stays). On today's DMS
 keep-0.8 structure (33.08 here): weighting each token's squared error by 1 / RMS^2 of the stream it enters (what the
 next RMSNorm sees) 33.32; adding a fraction beta of the drift to the dense stream to every target 32.00 (beta 0.125),
 32.11 (0.25), 33.19 (0.5), but the dense stream costs one more dense forward pass (+~50% time, past 10% of the

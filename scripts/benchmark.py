@@ -8,8 +8,9 @@ scored as it comes (no weight update, or its own retraining-free repair) and wit
 
 Perplexity: non-overlapping 2048-token windows of --eval-data (first 8 on a CPU). Rows named ``+recon`` are the same
 structure after the reconstruction stage (``dms_llm.reconstruct``); ``flap`` carries FLAP's own bias compensation.
-Writes benchmarks/results.json (one row per method, keep and repair), benchmarks/ppl_vs_params.png and the marked
-section of BENCHMARKS.md. Torch-Pruning runs in its own environment (scripts/run_torch_pruning.sh); its rows are
+Writes benchmarks/results<tag>.json (one row per method, keep and repair), benchmarks/ppl_vs_params<tag>.png and the
+marked section of BENCHMARKS.md (``--tag``: a separate set of these, e.g. for a subset of the methods).
+Torch-Pruning runs in its own environment (scripts/run_torch_pruning.sh); its rows are
 added from benchmarks/torch_pruning.json when they were scored on the same windows.
 """
 
@@ -39,7 +40,6 @@ from dms_llm.resources import count_parameters
 from dms_llm.training import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 NO_RECON = ("random_uniform",)  # scored only as it comes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +61,11 @@ parser.add_argument("--cache-dir", default=str(ROOT / ".bench-cache"),
                     help="where found structures are kept for the other benchmark scripts")
 parser.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
 parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+parser.add_argument("--tag", default="",
+                    help="a name for this run's outputs (results<tag>.json, ppl_vs_params<tag>.png, its BENCHMARKS "
+                         "section), e.g. a subset of the methods on another machine")
 args = parser.parse_args()
+START, END = f"<!-- benchmark{args.tag}:start -->", f"<!-- benchmark{args.tag}:end -->"
 logging.basicConfig(level=logging.WARNING)
 reuse_freed_memory()
 
@@ -106,7 +110,7 @@ if tp_file.exists():
     tp_dense = next((r for r in tp_rows if r["method"].startswith("dense")), None)
 stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 rows = [{**r, **{"date": stamp, "machine": machine}} for r in rows] + external
-(out / "results.json").write_text(json.dumps(rows, indent=1))
+(out / f"results{args.tag}.json").write_text(json.dumps(rows, indent=1))
 
 import matplotlib  # noqa: E402
 
@@ -124,7 +128,7 @@ ax.grid(alpha=0.3)
 ax.legend(fontsize=7, ncol=2)
 ax.set_title(f"{args.model}: perplexity vs size, no gradient training (solid: + reconstruction)", fontsize=9)
 fig.tight_layout()
-fig.savefig(out / "ppl_vs_params.png", dpi=110)
+fig.savefig(out / f"ppl_vs_params{args.tag}.png", dpi=110)
 
 command = " ".join(["python scripts/benchmark.py", *map(shlex.quote, sys.argv[1:])])
 lines = [START, "", f"### Peer comparison — {args.model}, no gradient training", "",
@@ -154,6 +158,6 @@ if external:
                   f"5.x), measured {external[0]['date']} on {external[0]['machine']}, scored on the token ids of this "
                   f"environment (its dense model there: perplexity {tp_dense['ppl_wikitext2']:.2f}); speed ratios are "
                   f"against the dense model in that process."]
-lines += ["", "![perplexity vs parameters](benchmarks/ppl_vs_params.png)", "", END]
+lines += ["", f"![perplexity vs parameters](benchmarks/ppl_vs_params{args.tag}.png)", "", END]
 md = replace_section(args.markdown, START, END, lines)
-print(f"wrote {out / 'results.json'}, {out / 'ppl_vs_params.png'} and {md}")
+print(f"wrote {out / f'results{args.tag}.json'}, {out / f'ppl_vs_params{args.tag}.png'} and {md}")
