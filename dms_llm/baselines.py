@@ -30,11 +30,11 @@ All of them prune without any weight update; FLAP's bias and dms-llm's reconstru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .gates import DMSGates, hard_masked
 from .layerwise import LayerRunner, run_seeing_input
+from .logits import OutputHead, final_hidden, next_token_loss
 from .resources import ResourceModel
 from .search import dense_mask_gradients, fit_to_budget
 from .structure import ModelShape, Structure, decoder_layers
@@ -402,11 +402,11 @@ def minitron_width(model: nn.Module, stats: list[dict[str, ChannelStats]], calib
         raise ValueError(f"no uniform width meets {target:,} parameters")
 
     def loss(structure: Structure) -> float:
-        device = next(model.parameters()).device
+        device, head = next(model.parameters()).device, OutputHead(model)
         with hard_masked(model, structure):
-            return sum(float(F.cross_entropy(model(input_ids=calib[i: i + batch_size].to(device)).logits[:, :-1]
-                                             .flatten(0, 1).float(), calib[i: i + batch_size, 1:].flatten().to(device)))
-                       for i in range(0, min(len(calib), 4 * batch_size), batch_size))
+            batches = [calib[i: i + batch_size].to(device) for i in range(0, min(len(calib), 4 * batch_size),
+                                                                             batch_size)]
+            return sum(float(next_token_loss(final_hidden(model, ids), head, ids, lm_weight=1.0)[0]) for ids in batches)
 
     return min(candidates, key=loss) if len(candidates) > 1 else candidates[0]
 

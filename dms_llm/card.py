@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .data import dataset_of
 from .loading import EMBEDDED_HUB_IDS as HUB_IDS
+from .report import candidates_report
 
 
 def hub_base_model(base: str | None) -> str | None:
@@ -89,6 +90,9 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
         f"MLP channels kept per layer: {info.get('kept_mlp_channels')}", "",
         "![kept structure per layer](dms_structure.png)", "",
     ]
+    choice = candidates_report(info)
+    if choice:
+        lines += ["## How the structure was chosen", "", *[f"- {line}" for line in choice], ""]
     if info.get("warning"):
         lines += ["## Quality warning", "", info["warning"], ""]
     ppl = {k: v for k, v in (info.get("perplexity") or {}).items() if v}

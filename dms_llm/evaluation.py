@@ -10,9 +10,9 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .data import evaluation_tokens
+from .logits import OutputHead, final_hidden, next_token_loss
 
 
 def default_eval_seq_len(model) -> int:
@@ -49,12 +49,12 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll_sum, count, t0 = 0.0, 0, time.perf_counter()
+    head = OutputHead(model)
     for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="window", unit_scale=batch_size,
                   disable=None if progress else True, dynamic_ncols=True, leave=False):
         ids = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        nll_sum += float(nll)
+        lm = next_token_loss(final_hidden(model, ids), head, ids, lm_weight=1.0)[0]  # a few positions at a time
+        nll_sum += float(lm) * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
     model.train(was_training)
     mean = nll_sum / count

@@ -135,10 +135,10 @@ def check_per_layer_support(model: nn.Module) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in PER_LAYER_FAMILIES:
         raise ExportError(f"per-layer export supports {', '.join(PER_LAYER_FAMILIES)} models, not "
-                          f"{model_type!r}; search with --uniform (a stock checkpoint of the source's class)")
+                          f"{model_type!r}; use --format uniform (a stock checkpoint of the source's class)")
     if getattr(model.config, "use_bidirectional_attention", False):
         raise ExportError("this Gemma 3 model attends in both directions (an embedding model); dms-llm's per-layer "
-                          "format is causal. Search with --uniform (a stock Gemma3TextModel config)")
+                          "format is causal. Use --format uniform (a stock Gemma3TextModel config)")
 
 
 def build_pruned_model(model: nn.Module, structure: Structure, atol: float | None = None,

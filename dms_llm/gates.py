@@ -232,9 +232,9 @@ class DMSGates(nn.Module):
             counts["heads"] = torch.full_like(counts["heads"], snapped)
         return counts
 
-    def hard_structure(self) -> Structure:
-        """The structure the current ``a``s and importances select."""
-        shape, counts = self.shape, self.kept_counts()
+    def hard_structure(self, counts: dict[str, torch.Tensor] | None = None) -> Structure:
+        """The structure the current ``a``s (or the given kept ``counts`` per operator) and importances select."""
+        shape, counts = self.shape, counts or self.kept_counts()
         L = shape.num_layers
         ops = self.operators
         heads = ops["heads"].kept_indices(counts["heads"]) if "heads" in ops else [list(range(shape.num_kv_heads))] * L

@@ -28,7 +28,7 @@ import torch
 from .data import calibration_windows, check_source, evaluation_tokens, held_out_windows
 from .errors import DMSError, flag
 from .evaluation import perplexity
-from .exporter import ExportResult, build_pruned_model, check_per_layer_support, export
+from .exporter import ExportError, ExportResult, build_pruned_model, check_per_layer_support, export
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
 from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_family, check_gguf_output, write_gguf
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
@@ -162,7 +162,7 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
-PRUNE_FLAGS = ("keep", "target", "resource", "uniform", "search_depth", "depth_check", "mlp_unit", "channel_multiple",
+PRUNE_FLAGS = ("keep", "target", "resource", "format", "search_depth", "depth_check", "mlp_unit", "channel_multiple",
                "steps", "batch_size", "lr", "resource_weight", "lm_loss_weight", "seed", "mixed_precision", "fsdp",
                "joint", "joint_lr", "lora_rank")
 FINETUNE_FLAGS = ("tokens", "batch_size", "lr", "lora", "lora_rank", "lora_alpha", "kl_weight", "lm_loss_weight",
@@ -228,21 +228,27 @@ def quality_warning(ppl: dict) -> str | None:
 
 
 def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
-    """Seconds of one plain training step of ``model`` (forward, LM loss, backward into every weight) on ``ids``:
-    the yardstick the search step is reported against, so its cost reads the same on any machine. The weights'
-    gradients are dropped again; a model spread over devices is not timed (None)."""
-    from .training import input_device, is_dispatched, lm_loss
+    """Seconds of one plain training step of ``model`` (forward, LM loss with the head applied a few positions at a
+    time, backward into every weight) on ``ids``: the yardstick the search step is reported against, so its cost
+    reads the same on any machine. The weights' gradients are dropped again; a model spread over devices is not timed
+    (None)."""
+    from .logits import OutputHead, final_hidden, next_token_loss
+    from .training import input_device, is_dispatched
 
     if is_dispatched(model):
         return None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     ids = ids.to(input_device(model))
+
+    def step():
+        next_token_loss(final_hidden(model, ids), OutputHead(model), ids, lm_weight=1.0)[0].backward()
+
     try:
         model.requires_grad_(True)
-        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()  # warm-up
+        step()  # warm-up
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        step()
         if ids.device.type == "cuda":
             torch.cuda.synchronize(ids.device)
         return time.perf_counter() - t0
@@ -281,17 +287,37 @@ def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult, 
     return held_out
 
 
-def _choose_after_repair(model, result: PruneResult, calib: torch.Tensor, held_out: torch.Tensor, recon):
-    """Repair every depth-check candidate, keep the one closest to the dense model on ``held_out``; the search
-    result then names that structure and records each candidate's repaired KL."""
-    index, losses, pruned, repair = choose_after_repair(model, result.candidates, calib, held_out, recon)
-    checked = [{**c, "kl_repaired": round(kl, 5), "chosen": i == index}
-               for i, (c, kl) in enumerate(zip(result.depth_check, losses))]
-    logger.info("depth check after the repair on %d held-out calibration windows of %d tokens: kept candidate %d "
-                "(%s removed)", len(held_out), held_out.shape[1], index + 1,
-                ", ".join(f"{v} {k}" for k, v in checked[index]["removed"].items()))
-    result = dataclasses.replace(result, structure=result.candidates[index], depth_check=checked,
-                                 pruned_resource=checked[index]["resource"])
+def after_repair_candidates(checked: list[dict]) -> list[int]:
+    """Which of the depth check's candidates (its records) the check after the repair repairs and scores: of each
+    format, the searched structure, the one the pre-repair loss prefers and the one that removes no block. The
+    pre-repair loss ranks repaired candidates poorly (docs/DESIGN.md §3), so the two ends of the depth range stay."""
+    picks: set[int] = set()
+    for fmt in ("per-layer", "uniform"):
+        mine = [i for i, c in enumerate(checked) if c["format"] == fmt]
+        if mine:
+            favourite = min(mine, key=lambda i: (checked[i]["loss"], i))
+            none_removed = [i for i in mine if not any(checked[i]["removed"].values())]
+            picks |= {mine[0], favourite, *none_removed[:1]}
+    return sorted(picks)
+
+
+def choose_after_repair_of(model, result: PruneResult, calib: torch.Tensor, held_out: torch.Tensor, recon):
+    """Repair the depth check's few best candidates (:func:`after_repair_candidates`) and keep the one
+    :func:`dms_llm.search.choose_candidate` picks on their KL to the dense model on ``held_out``; the search result
+    then names that structure and records each candidate's repaired KL and why the winner won."""
+    picks = after_repair_candidates(result.depth_check)
+    index, losses, pruned, repair, why = choose_after_repair(model, [result.candidates[i] for i in picks], calib,
+                                                             held_out, recon)
+    kl = dict(zip(picks, losses))
+    checked = [{k: v for k, v in c.items() if k != "reason"} | {"kl_repaired": round(kl[i], 5) if i in kl else None,
+                                                                 "chosen": i == picks[index]}
+               for i, c in enumerate(result.depth_check)]
+    checked[picks[index]]["reason"] = why
+    logger.info("check after the repair on %d held-out calibration windows of %d tokens: kept candidate %d, %s (%s "
+                "removed): %s", len(held_out), held_out.shape[1], picks[index] + 1, checked[picks[index]]["format"],
+                ", ".join(f"{v} {k}" for k, v in checked[picks[index]]["removed"].items()), why)
+    result = dataclasses.replace(result, structure=result.candidates[picks[index]], depth_check=checked,
+                                 pruned_resource=checked[picks[index]]["resource"])
     return result, pruned, repair
 
 
@@ -315,8 +341,14 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     load_device = "cpu" if config.fsdp else default_device(job.device)  # FSDP moves each shard to its process's device
     model, tokenizer, source_dir = load_model(job.model, dtype=job.dtype, device=load_device,
                                               trust_remote_code=job.trust_remote_code, device_map=job.device_map)
-    if not config.uniform:
-        check_per_layer_support(model)
+    if config.format != "uniform":
+        try:
+            check_per_layer_support(model)
+        except ExportError as e:
+            if config.format == "per-layer":
+                raise
+            logger.info("%s: --format auto searches the uniform (stock) format only", str(e).split(";")[0])
+            config = dataclasses.replace(config, format="uniform")
     if job.gguf is not None:  # before the search: a family llama.cpp cannot run stops now, not after an hour
         check_gguf_family(model.config.to_dict(), job.model)
     calib = calibration_windows(tokenizer, job.calib, job.seq_len, job.num_samples, seed=config.seed)
@@ -336,7 +368,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
     held_out = _repair_check_windows(tokenizer, job, recon, result, model)
     if held_out is not None:
-        result, pruned, repair = _choose_after_repair(model, result, calib, held_out, recon)
+        result, pruned, repair = choose_after_repair_of(model, result, calib, held_out, recon)
     else:
         pruned = build_pruned_model(model, result.structure)
         repair = reconstruct(pruned, model, result.structure, calib, recon, progress=progress) if recon else None
@@ -344,7 +376,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         ppl.update(_perplexities({"pruned": pruned} if ppl else {"dense": model, "pruned": pruned}, tokens, job))
     metadata = {
         "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
-                   "target_resource": result.target_resource, "uniform": config.uniform},
+                   "target_resource": result.target_resource, "format": config.format},
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
                    "step_cost": _step_cost(result, reference), "depth_check": result.depth_check,
                    "depth_check_after_repair": 0 if held_out is None else len(held_out),

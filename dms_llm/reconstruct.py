@@ -75,6 +75,7 @@ from torch import nn
 
 from .errors import DMSError
 from .layerwise import LayerRunner, run_seeing_input
+from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
 from .structure import ModelShape, Structure, decoder_layers
 
 logger = logging.getLogger("dms_llm")
@@ -187,7 +188,8 @@ def _kept_columns(structure: Structure, index: int, block: str, shape: ModelShap
 
 @torch.no_grad()
 def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib: torch.Tensor,
-                config: ReconstructConfig | None = None, progress: bool = True) -> dict:
+                config: ReconstructConfig | None = None, progress: bool = True,
+                reference: TeacherCache | None = None) -> dict:
     """Refit, in place, the ``o_proj`` and ``down_proj`` weights (and their biases, where ``pruned`` has them) of
     ``pruned`` — ``dense`` sliced to ``structure`` — so each of its blocks does what the dense block does on the
     pruned model's stream, over the calibration windows ``calib`` ((num_samples, seq_len) token ids). ``dense`` is not
@@ -201,11 +203,11 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     Returns ``{"seconds", "tokens", "blocks": [{"layer", "block", "absorbs", "error_before", "error_after"}, ...],
     "check"}`` with the relative least-squares error of every refit block before (sliced weights) and after, and
     ``check`` (None without held-out windows): the held-out KL of each try and which weights were ``kept`` (the
-    block errors ``after`` are those of the kept weights)."""
+    block errors ``after`` are those of the kept weights). ``reference``: the dense model's outputs on the check's
+    windows (:func:`split_windows`), to share between repairs of several structures."""
     config = config or ReconstructConfig()
     t0 = time.perf_counter()
-    windows = calib[: config.samples] if config.samples else calib
-    held_out = calib[len(windows): len(windows) + config.check_windows]
+    windows, held_out = split_windows(calib, config)
     kept_layers = structure.kept_layers()
     if len(kept_layers) != len(decoder_layers(pruned)):
         raise DMSError(f"the pruned model has {len(decoder_layers(pruned))} layers, the structure keeps "
@@ -214,13 +216,14 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     report = _repair(pruned, dense, structure, windows, config, progress)
     check = None
     if sliced is not None:
-        check = {"windows": len(held_out), **_gaps(pruned, dense, sliced, held_out, config.batch_size),
+        reference = reference or TeacherCache(held_out, top_k=0)
+        check = {"windows": len(held_out), **_gaps(pruned, dense, sliced, reference, config.batch_size),
                  "kept": "repaired"}
         if check["repaired"] > check["sliced"] and any(r["absorbs"] for r in report):
             _restore(pruned, sliced)
             plain = dataclasses.replace(config, absorb_removed=False)
             report = _repair(pruned, dense, structure, windows, plain, progress)
-            check["without_takeover"] = _gaps(pruned, dense, None, held_out, config.batch_size)["repaired"]
+            check["without_takeover"] = _gaps(pruned, dense, None, reference, config.batch_size)["repaired"]
             check["kept"] = "without take-over"
         if min(check["repaired"], check.get("without_takeover", math.inf)) > check["sliced"]:
             _restore(pruned, sliced)
@@ -240,70 +243,81 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, structure: Structure, calib
     return {"seconds": seconds, "tokens": windows.numel(), "blocks": report, "check": check}
 
 
+def split_windows(calib: torch.Tensor, config: ReconstructConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows the repair reads and, after them, those its check scores."""
+    windows = calib[: config.samples] if config.samples else calib
+    return windows, calib[len(windows): len(windows) + config.check_windows]
+
+
 @torch.no_grad()
 def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                    sliced: list[torch.Tensor] | None = None) -> dict:
+                    sliced: list[torch.Tensor] | None = None, reference: TeacherCache | None = None) -> dict:
     """``{"kl", "lm"}``: the mean per-token KL(dense || pruned) of the next-token distributions and ``pruned``'s
     next-token cross-entropy over ``windows`` ((N, T) token ids). Given ``sliced`` (the projections before the
-    repair), also ``"kl_sliced"``: the KL of ``pruned`` with those restored (one dense pass serves both)."""
-    from .training import lm_loss
-
-    modes, device = (pruned.training, dense.training), dense.get_input_embeddings().weight.device
-    pruned.eval(), dense.eval()
+    repair), also ``"kl_sliced"``: the KL of ``pruned`` with those restored. The dense model's side comes from
+    ``reference`` (its final hidden states on these windows, :class:`TeacherCache` with ``top_k=0``: the exact KL),
+    computed here when not given; pass one to score several models against the same windows."""
+    reference = reference or TeacherCache(windows, top_k=0)
+    modes, device = pruned.training, pruned.get_input_embeddings().weight.device
+    pruned.eval()
+    head = OutputHead(pruned)
     repaired = [t.detach().clone() for t in _projections(pruned)] if sliced is not None else None
     total = {"kl": 0.0, "lm": 0.0, **({"kl_sliced": 0.0} if sliced is not None else {})}
     for i in range(0, len(windows), batch_size):
-        ids = windows[i: i + batch_size].to(device)
-        target, logits = dense(input_ids=ids).logits, pruned(input_ids=ids).logits
-        total["kl"] += _kl_sum(logits, target) / ids.shape[1]
-        total["lm"] += float(lm_loss(logits, ids)) * len(ids)
+        rows = list(range(i, min(i + batch_size, len(windows))))
+        reference.fill(dense, rows)
+        ids, targets = windows[rows].to(device), reference.targets(rows, device)
+        parts = next_token_loss(final_hidden(pruned, ids), head, ids, targets, 1.0, 1.0)[1]
+        total["kl"] += float(parts["kl"]) * len(rows)
+        total["lm"] += float(parts["lm"]) * len(rows)
         if sliced is not None:
             _restore(pruned, sliced)
-            total["kl_sliced"] += _kl_sum(pruned(input_ids=ids).logits, target) / ids.shape[1]
+            total["kl_sliced"] += float(next_token_loss(final_hidden(pruned, ids), head, ids, targets)[1]["kl"]) * len(
+                rows)
             _restore(pruned, repaired)
-    pruned.train(modes[0]), dense.train(modes[1])
+    pruned.train(modes)
     return {k: v / len(windows) for k, v in total.items()}
 
 
-def _kl_sum(logits: torch.Tensor, target: torch.Tensor, positions: int = 256) -> float:
-    """The summed per-token KL(target || logits) over every position, ``positions`` at a time: the fp32
-    log-probabilities of a long window over a large vocabulary would otherwise be several copies of its logits."""
-    from .training import kl_divergence
-
-    total = 0.0
-    for a in range(0, logits.shape[1], positions):
-        chunk = logits[:, a: a + positions]
-        total += float(kl_divergence(chunk, target[:, a: a + positions])) * chunk.shape[0] * chunk.shape[1]
-    return total
-
-
-def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                reference: TeacherCache | None = None) -> float:
     """Mean per-token KL(dense || pruned) of the next-token distributions over ``windows`` ((N, T) token ids)."""
-    return held_out_scores(pruned, dense, windows, batch_size)["kl"]
+    return held_out_scores(pruned, dense, windows, batch_size, reference=reference)["kl"]
 
 
 def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: torch.Tensor, held_out: torch.Tensor,
-                        config: ReconstructConfig | None = None) -> tuple[int, list[float], nn.Module, dict]:
-    """The depth check's choice made after the repair (docs/DESIGN.md §3): every candidate structure is sliced out of
-    ``dense``, repaired by :func:`reconstruct` on ``calib`` and scored by its KL to the dense model on ``held_out``,
-    windows that neither the search nor the repair read. Returns (the best candidate's index, every candidate's KL,
-    the best repaired model, its repair record); a tie goes to the earlier candidate (the searched structure)."""
+                        config: ReconstructConfig | None = None,
+                        tolerance: float | None = None) -> tuple[int, list[float], nn.Module, dict, str]:
+    """The choice among candidate structures made after the repair (docs/DESIGN.md §3): every candidate is sliced out
+    of ``dense``, repaired by :func:`reconstruct` on ``calib`` and scored by its KL to the dense model on ``held_out``,
+    windows that neither the search nor the repair read; :func:`dms_llm.search.choose_candidate` picks (the lowest KL,
+    ties to the earlier candidate, unless a uniform one is within ``tolerance`` of it: the stock format). Returns
+    (the chosen index, every candidate's KL, the chosen repaired model, its repair record, why it was chosen)."""
     from .exporter import build_pruned_model
+    from .search import STOCK_TOLERANCE, choose_candidate
 
     config = config or ReconstructConfig()
     if not candidates:
         raise DMSError("choose_after_repair needs at least one candidate structure")
-    losses, best = [], None
+    # the dense model's outputs on the held-out windows and on the repair check's are the same for every candidate
+    scored, checked = TeacherCache(held_out, top_k=0), TeacherCache(split_windows(calib, config)[1], top_k=0)
+    losses, kept = [], {}  # the best repaired projections so far of each format (a whole model is rebuilt once)
     for i, structure in enumerate(candidates):
         pruned = build_pruned_model(dense, structure)
-        repair = reconstruct(pruned, dense, structure, calib, config, progress=False)
-        losses.append(kl_to_dense(pruned, dense, held_out, batch_size=1))  # long windows: one at a time
-        logger.info("depth check after the repair: candidate %d of %d -> KL %.4f on %d held-out windows", i + 1,
-                    len(candidates), losses[-1], len(held_out))
-        if best is None or losses[-1] < losses[best[0]]:
-            best = (i, pruned, repair)
+        repair = reconstruct(pruned, dense, structure, calib, config, progress=False, reference=checked)
+        losses.append(kl_to_dense(pruned, dense, held_out, batch_size=1, reference=scored))  # long windows: one by one
+        logger.info("check after the repair: candidate %d of %d (%s) -> KL %.4f on %d held-out windows", i + 1,
+                    len(candidates), "uniform" if structure.is_uniform() else "per-layer", losses[-1], len(held_out))
+        uniform = structure.is_uniform()
+        if uniform not in kept or losses[-1] < losses[kept[uniform][0]]:
+            kept[uniform] = (i, [t.detach().clone() for t in _projections(pruned)], repair)
         del pruned
-    return best[0], losses, best[1], best[2]
+    index, why = choose_candidate(losses, candidates, STOCK_TOLERANCE if tolerance is None else tolerance)
+    _, projections, repair = kept[candidates[index].is_uniform()]  # the choice is the best of its format
+    pruned = build_pruned_model(dense, candidates[index])
+    with torch.no_grad():
+        _restore(pruned, projections)
+    return index, losses, pruned, repair, why
 
 
 def _projections(model: nn.Module) -> list[torch.Tensor]:
@@ -318,11 +332,11 @@ def _restore(model: nn.Module, saved: list[torch.Tensor]) -> None:
         t.copy_(value)
 
 
-def _gaps(pruned: nn.Module, dense: nn.Module, sliced: list[torch.Tensor] | None, windows: torch.Tensor,
+def _gaps(pruned: nn.Module, dense: nn.Module, sliced: list[torch.Tensor] | None, reference: TeacherCache,
           batch_size: int) -> dict:
     """The repair's own check: ``{"repaired"}`` (and, given the ``sliced`` projections, ``"sliced"``), the KL of
-    ``pruned`` to ``dense`` over ``windows`` after (and before) the repair."""
-    scores = held_out_scores(pruned, dense, windows, batch_size, sliced)
+    ``pruned`` to ``dense`` over the windows of ``reference`` after (and before) the repair."""
+    scores = held_out_scores(pruned, dense, reference.windows, batch_size, sliced, reference)
     return {"repaired": scores["kl"], **({"sliced": scores["kl_sliced"]} if sliced is not None else {})}
 
 

@@ -19,14 +19,13 @@ import torch
 from torch import nn
 
 from .errors import DMSError
+from .logits import HiddenTargets, OutputHead, final_hidden, next_token_loss
 from .training import (
     Trainer,
     TrainingConfig,
     add_lora,
     check_windows,
     input_device,
-    kl_divergence,
-    lm_loss,
     load_trainable_state,
     trainable_state,
 )
@@ -160,16 +159,15 @@ def _distill(trained: nn.Module, teacher: nn.Module | None, windows: torch.Tenso
         history = state["history"]
 
     def distillation_loss(step: int):
-        """w_kl * KL(teacher || student) + w_lm * LM loss."""
+        """w_kl * KL(teacher || student) + w_lm * LM loss, the head applied a few positions at a time."""
         ids = run.batch(windows, step, config.batch_size, config.seed + 7)
-        logits = trained(input_ids=ids, use_cache=False).logits
-        kl = torch.zeros((), device=logits.device)
+        targets = None
         if teacher is not None and config.kl_weight:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids.to(input_device(teacher)), use_cache=False).logits
-            kl = kl_divergence(logits, teacher_logits.to(logits.device))
-        lm = lm_loss(logits, ids)
-        return config.kl_weight * kl + config.lm_loss_weight * lm, {"kl": kl, "lm": lm}
+                hidden = final_hidden(teacher, ids.to(input_device(teacher)))
+                targets = HiddenTargets(hidden.reshape(-1, hidden.shape[-1]), OutputHead(teacher))
+        return next_token_loss(final_hidden(trained, ids), OutputHead(trained), ids, targets, config.kl_weight,
+                               config.lm_loss_weight)
 
     def adamw_update(step: int, loss: torch.Tensor, parts: dict) -> dict:
         grad_norm = run.accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -37,17 +37,31 @@ def prune_report(run, model: str) -> str:
     kind = "uniform, stock config" if run.export.uniform else "per-layer, trust_remote_code"
     lines = [f"DMS prune of {model} -> {run.out}  ({kind})", search.structure.summary(),
              markdown_table(("", "dense", "pruned", "pruned/dense"), rows)]
-    checked = (info.get("search") or {}).get("depth_check") or []
-    chosen = next((c for c in checked if c["chosen"]), None)
-    if chosen and checked.index(chosen):
-        removed = ", ".join(f"{v} {k}" for k, v in chosen["removed"].items())
-        after = (info.get("search") or {}).get("depth_check_after_repair")
-        where = (f"once repaired, on {after} held-out calibration windows" if after else "on the calibration windows")
-        lines.append(f"depth check: removing fewer blocks ({removed}) scored better than the searched depth {where}, "
-                     f"and was kept")
+    lines += candidates_report(info)
     if info.get("warning"):
         lines.append("WARNING: " + info["warning"])
     return "\n".join(lines + ([gguf_report(run.gguf)] if run.gguf else []))
+
+
+def candidates_report(info: dict) -> list[str]:
+    """The candidates the search's checks scored and why the kept one won (lines; none when there was one)."""
+    search = info.get("search") or {}
+    checked = search.get("depth_check") or []
+    chosen = next((c for c in checked if c["chosen"]), None)
+    if chosen is None:
+        return []
+    after = search.get("depth_check_after_repair")
+    key, what = ("kl_repaired", f"KL to the dense model once repaired, on {after} held-out calibration windows") \
+        if after else ("loss", "the search's loss on calibration windows")
+
+    def name(c: dict) -> str:
+        removed = sum(c["removed"].values())
+        return f"{c.get('format', 'per-layer')}, {removed} block{'s' * (removed != 1)} removed"
+
+    scored = [c for c in checked if c.get(key) is not None]
+    return [f"candidates ({what}): " + "; ".join(f"{name(c)} {c[key]:.4f}" + (" <- kept" if c["chosen"] else "")
+                                                  for c in scored),
+            f"kept {name(chosen)}: {chosen.get('reason', 'the lowest score')}"]
 
 
 def finetune_report(run, model: str) -> str:

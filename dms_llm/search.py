@@ -31,16 +31,16 @@ from torch import nn
 
 from .errors import DMSError
 from .gates import DMSGates, hard_masked
+from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
 from .resources import ResourceModel
 from .structure import ModelShape, Structure, decoder_layers
 from .training import (
     Trainer,
     TrainingConfig,
     add_lora,
+    batch_rows,
     check_windows,
     input_device,
-    kl_divergence,
-    lm_loss,
     load_trainable_state,
     trainable_state,
 )
@@ -48,6 +48,9 @@ from .training import (
 logger = logging.getLogger("dms_llm")
 
 BUDGET_FIELDS = ("keep", "target", "resource", "macs_seq_len")
+FORMATS = ("auto", "per-layer", "uniform")
+# "auto" ships the stock (uniform) format unless per-layer scores more than this much better (relative)
+STOCK_TOLERANCE = 0.01
 
 
 class BudgetError(DMSError, ValueError):
@@ -64,7 +67,8 @@ class PruneConfig(TrainingConfig):
     target: int | None = None
     resource: str = "params"  # or "macs" (per sequence of macs_seq_len tokens)
     macs_seq_len: int = 2048
-    uniform: bool = False
+    format: str = "auto"  # "per-layer", "uniform" (a stock checkpoint), or "auto": the better of the two (FORMATS)
+    uniform: bool = False  # the same as format="uniform"
     search_depth: bool = True  # False: keep every layer and block, search widths only
     depth_check: int = 16  # calibration windows scoring the searched depth against fewer removals (0 = off)
     mlp_unit: int = 1  # MLP channels ranked together; 1 = each on its own (groups of 8 cost ~15% perplexity)
@@ -75,6 +79,7 @@ class PruneConfig(TrainingConfig):
     lr: float = 0.1
     resource_weight: float = 50.0
     lm_loss_weight: float = 1.0
+    teacher_top_k: int = 64  # the dense teacher's tokens kept per position (0: exact KL from its final hidden states)
     importance_momentum: float = 0.99
     target_decay: float = 0.5
     patience: int = 10
@@ -86,6 +91,13 @@ class PruneConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.format not in FORMATS:
+            raise DMSError(f"`format` must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.uniform and self.format == "per-layer":
+            raise DMSError("`uniform=True` asks for the uniform format, `format='per-layer'` for the other: give one")
+        if self.uniform:
+            self.format = "uniform"
+        self.uniform = self.format == "uniform"  # the search itself: uniform, or per layer (also for "auto")
         if (self.keep is None) == (self.target is None):
             raise BudgetError("give exactly one budget: `keep` (a fraction, e.g. 0.8) or `target` (an absolute count)")
         if self.keep is not None and not 0.0 < self.keep < 1.0:
@@ -102,6 +114,8 @@ class PruneConfig(TrainingConfig):
             raise DMSError(f"`mlp_unit` must be at least 1, got {self.mlp_unit}")
         if self.channel_multiple < 1:
             raise DMSError(f"`channel_multiple` must be at least 1, got {self.channel_multiple}")
+        if self.teacher_top_k < 0:
+            raise DMSError(f"`teacher_top_k` is a number of tokens (0 = the exact KL), got {self.teacher_top_k}")
         if self.depth_check < 0:
             raise DMSError(f"`depth_check` is a number of calibration windows (0 = off), got {self.depth_check}")
         if self.fsdp and self.joint:
@@ -173,6 +187,7 @@ def fit_to_budget(gates: DMSGates, resource: ResourceModel, target: int, hold: t
 
 DEPTH_OPERATORS = ("layer_depth", "attn_depth", "mlp_depth")
 DEPTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # of the searched removals, tried by the depth check
+DEPTH_WINDOWS = 16  # calibration windows scoring the formats of `auto` when the depth check is off
 
 
 def depth_candidates(gates: DMSGates, resource: ResourceModel, target: int,
@@ -209,46 +224,100 @@ def depth_candidates(gates: DMSGates, resource: ResourceModel, target: int,
     return structures
 
 
-def task_loss(kl: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, lm_weight: float) -> torch.Tensor:
-    """The search's task loss from its KL(dense || gated) term: ``kl`` + ``lm_weight`` * LM of ``student``."""
-    return kl + (lm_weight * lm_loss(student, ids) if lm_weight else 0.0)
+def task_loss(model: nn.Module, ids: torch.Tensor, teacher, lm_weight: float) -> tuple[torch.Tensor, dict]:
+    """The search's task loss of ``model`` (gated, hard-masked or plain) on ``ids``: KL(dense || model) against the
+    cached dense ``teacher`` targets of those windows + ``lm_weight`` * LM; and its parts ``{"kl", "lm"}``."""
+    return next_token_loss(final_hidden(model, ids), OutputHead(model), ids, teacher, 1.0, lm_weight)
 
 
 @torch.no_grad()
 def calibration_losses(model: nn.Module, structures: list[Structure], windows: torch.Tensor,
-                       lm_weight: float = 1.0) -> list[float]:
+                       lm_weight: float = 1.0, teacher: TeacherCache | None = None) -> list[float]:
     """The search's task loss, KL(dense || pruned) + ``lm_weight`` * LM, of each structure (as hard masks on
-    ``model``) averaged over ``windows`` (N, T); the dense logits are computed once per window."""
+    ``model``) averaged over ``windows`` (N, T); the dense model's outputs come from ``teacher`` (a cache over
+    windows whose first N are these), or are computed once per window."""
+    teacher = teacher or TeacherCache(windows, PruneConfig.teacher_top_k)
     device = input_device(model)
     totals = [0.0] * len(structures)
-    for ids in windows.split(1):
-        ids = ids.to(device)
-        teacher = model(input_ids=ids, use_cache=False).logits
+    for row in range(len(windows)):
+        teacher.fill(model, [row])
+        ids, targets = windows[row: row + 1].to(device), teacher.targets([row], device)
         for i, structure in enumerate(structures):
             with hard_masked(model, structure):
-                student = model(input_ids=ids, use_cache=False).logits
-            totals[i] += float(task_loss(kl_divergence(student, teacher), student, ids, lm_weight))
+                totals[i] += float(task_loss(model, ids, targets, lm_weight)[0])
     return [t / len(windows) for t in totals]
 
 
+def uniform_from_ranking(gates: DMSGates, resource: ResourceModel, target: int) -> list[Structure]:
+    """Uniform (stock-format) structures within ``target`` made from a per-layer search's own ranking: for each
+    head-group count a stock config accepts, that many groups in every layer (each layer's most important) and the
+    widest MLP that fits beside them (a multiple of the channel multiple; each layer's most important channels);
+    every layer and block kept. Count choices that cannot fit give no structure."""
+    shape, ops = gates.shape, gates.operators
+    L, step = shape.num_layers, gates.units_per_multiple
+    units = ops["channels"].num_units
+
+    def structure(groups: int, multiples: int) -> Structure:
+        counts = {name: torch.full((op.rows,), op.num_units, dtype=torch.long) for name, op in ops.items()}
+        counts["heads"] = torch.full((L,), groups, dtype=torch.long)
+        counts["channels"] = torch.full((L,), min(multiples * step, units), dtype=torch.long)
+        return gates.hard_structure(counts)
+
+    found = []
+    for groups in shape.valid_uniform_group_counts():
+        lo, hi = 0, -(-units // step)  # the most multiples of `step` channels that fit beside `groups` groups
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if resource.of_structure(structure(groups, mid)) <= target else (lo, mid - 1)
+        if lo:
+            found.append(structure(groups, lo))
+    return found
+
+
+def choose_candidate(scores: list[float], structures: list[Structure],
+                     tolerance: float = STOCK_TOLERANCE) -> tuple[int, str]:
+    """Which candidate ships, and why: the lowest score (ties: the earlier), unless a uniform (stock-format) one scores
+    within ``tolerance`` (relative) of it — the stock format loads everywhere without custom code — then that one."""
+    best = min(range(len(scores)), key=lambda i: (scores[i], i))
+    uniform = [i for i, s in enumerate(structures) if s.is_uniform()]
+    if structures[best].is_uniform() or not uniform:
+        return best, "the lowest score"
+    u = min(uniform, key=lambda i: (scores[i], i))
+    ratio = scores[u] / scores[best] if scores[best] > 0 else math.inf
+    if ratio <= 1 + tolerance:
+        return u, f"uniform (stock format) scores {ratio:.4f}x the best, within {tolerance:.0%}"
+    return best, f"per-layer scores lowest; the best uniform candidate scores {ratio:.4f}x it (over {tolerance:.0%})"
+
+
 def check_depth(model: nn.Module, gates: DMSGates, resource: ResourceModel, target: int, windows: torch.Tensor,
-                lm_weight: float = 1.0) -> tuple[Structure, list[dict], list[Structure]]:
-    """The depth check: the lowest-loss structure of :func:`depth_candidates` on ``windows``, the record of every
-    candidate (blocks removed, parameters, loss, chosen) and the candidates' structures."""
-    candidates = depth_candidates(gates, resource, target)
-    if len(candidates) == 1:
+                lm_weight: float = 1.0, teacher: TeacherCache | None = None, with_uniform: bool = False,
+                fractions: tuple[float, ...] = DEPTH_FRACTIONS) -> tuple[Structure, list[dict], list[Structure]]:
+    """The depth check: the structures of :func:`depth_candidates` (and, ``with_uniform``, the best on ``windows`` of
+    :func:`uniform_from_ranking`'s) scored on the search's loss on ``windows``; returns the one
+    :func:`choose_candidate` picks, the record of every candidate (format, blocks removed, resource, loss, chosen) and
+    the candidates' structures."""
+    candidates = depth_candidates(gates, resource, target, fractions)
+    uniform = uniform_from_ranking(gates, resource, target) if with_uniform else []
+    if len(candidates) + len(uniform) == 1:
         return candidates[0][1], [], []
-    losses = calibration_losses(model, [s for _, s in candidates], windows, lm_weight)
-    best = min(range(len(candidates)), key=lambda i: (losses[i], i))  # ties: the searched structure
-    record = [{"removed": removed, "resource": resource.of_structure(s), "loss": round(loss, 5), "chosen": i == best}
+    losses = calibration_losses(model, [s for _, s in candidates] + uniform, windows, lm_weight, teacher)
+    if uniform:  # the uniform structure of the best head-group count stays a candidate
+        n = len(candidates)
+        u = min(range(len(uniform)), key=lambda i: (losses[n + i], i))
+        candidates.append(({name: 0 for name in candidates[0][0]}, uniform[u]))
+        losses = losses[:n] + [losses[n + u]]
+    structures = [s for _, s in candidates]
+    best, why = choose_candidate(losses, structures)
+    record = [{"format": "uniform" if s.is_uniform() else "per-layer", "removed": removed,
+               "resource": resource.of_structure(s), "loss": round(loss, 5), "chosen": i == best,
+               **({"reason": why} if i == best else {})}
               for i, ((removed, s), loss) in enumerate(zip(candidates, losses))]
     for r in record:
-        logger.info("depth check: %s removed -> loss %.4f%s", ", ".join(f"{v} {k}" for k, v in r["removed"].items()),
-                    r["loss"], " (chosen)" if r["chosen"] else "")
-    if best:
-        logger.info("depth check: removing fewer blocks than the search did scores better on %d calibration windows",
-                    len(windows))
-    return candidates[best][1], record, [s for _, s in candidates]
+        removed = ", ".join(f"{v} {k}" for k, v in r["removed"].items())
+        logger.info("depth check: %s, %s removed -> loss %.4f%s", r["format"], removed, r["loss"],
+                    " (chosen)" if r["chosen"] else "")
+    logger.info("depth check on %d calibration windows: kept candidate %d (%s)", len(windows), best + 1, why)
+    return structures[best], record, structures
 
 
 def _fmt(x: float) -> str:
@@ -280,9 +349,12 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit,
                          channel_multiple=config.channel_multiple, search_depth=config.search_depth,
                          momentum=config.importance_momentum)
+        # the dense model's outputs per calibration window, computed on first use: its weights are frozen (in joint
+        # mode too: the teacher runs with the adapters off)
+        teacher = TeacherCache(calib, config.teacher_top_k)
         completed, t0 = False, time.perf_counter()
         try:
-            history = _search(model, gates, adapters, calib, config, resource, target, run, progress)
+            history = _search(model, gates, adapters, calib, teacher, config, resource, target, run, progress)
             completed = True
         finally:
             gates.begin_step("off")
@@ -291,9 +363,11 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 adapters.merge_and_unload() if completed else adapters.unload()
         # the depth check compares against the dense model: not after joint training (its weights changed) or
         # on weights sharded over processes
-        if config.depth_check and not config.joint and not sharded:
-            structure, checked, candidates = check_depth(model, gates, resource, target, calib[:config.depth_check],
-                                                         config.lm_loss_weight)
+        auto = config.format == "auto"
+        if (config.depth_check or auto) and not config.joint and not sharded:
+            structure, checked, candidates = check_depth(
+                model, gates, resource, target, calib[:config.depth_check or DEPTH_WINDOWS], config.lm_loss_weight,
+                teacher, with_uniform=auto, fractions=DEPTH_FRACTIONS if config.depth_check else ())
         else:
             structure, checked, candidates = fit_to_budget(gates, resource, target), [], []
         seconds = time.perf_counter() - t0
@@ -305,8 +379,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     )
 
 
-def _search(model, gates: DMSGates, adapters, calib, config: PruneConfig, resource: ResourceModel, target: int,
-            run: Trainer, progress: bool) -> list[dict]:
+def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, config: PruneConfig,
+            resource: ResourceModel, target: int, run: Trainer, progress: bool) -> list[dict]:
     """The DMS steps, from the warm-up (or the saved state) to the stop."""
     lora_params = [p for p in model.parameters() if p.requires_grad] if adapters is not None else []
     groups = [{"params": list(gates.parameters()), "lr": config.lr}]
@@ -329,18 +403,21 @@ def _search(model, gates: DMSGates, adapters, calib, config: PruneConfig, resour
                "last": _key(gates.hard_structure()) if state else None, "t": time.perf_counter()}
     decay_steps = max(1, int(config.target_decay * config.steps))
     teacher_mode = adapters.disable_adapter if adapters is not None else nullcontext
+    sharded = config.fsdp and run.world > 1
 
     def dms_loss(step: int):
         """KL(dense || gated) + w_lm * LM  +  lambda * max(0, log(r_c / r_t))."""
         tracker["t"] = time.perf_counter()
-        ids = run.batch(calib, step, config.batch_size, config.seed)
+        rows = run.rows(len(calib), step, config.batch_size, config.seed)
         gates.begin_step("off")
-        with torch.no_grad(), teacher_mode():
-            teacher = model(input_ids=ids, use_cache=False).logits
+        # sharded weights: each forward is a collective, so every process fills the whole global batch (the same
+        # windows in the same order); otherwise each fills only its own rows
+        teacher.fill(model, batch_rows(len(calib), step, config.batch_size * run.world, config.seed)
+                     if sharded else rows, teacher_mode)
         gates.begin_step("soft")
-        student = model(input_ids=ids, use_cache=False).logits
-        kl = kl_divergence(student, teacher)
-        task = task_loss(kl, student, ids, config.lm_loss_weight)
+        ids = calib[rows].to(run.device)
+        task, parts = task_loss(model, ids, teacher.targets(rows, run.device), config.lm_loss_weight)
+        kl = parts["kl"]
         r_t = dense * (target / dense) ** min(1.0, step / decay_steps)  # exponential decay to the target, then hold
         r_c = resource.of_gates(gates)
         return task + config.resource_weight * torch.clamp(torch.log(r_c / r_t), min=0.0), {"kl": kl, "r_c": r_c,
@@ -421,7 +498,7 @@ def dense_mask_gradients(model: nn.Module, gates: DMSGates, batches, run: Traine
     for ids in batches:
         ids = ids.to(device)
         gates.begin_step("ones")
-        lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        next_token_loss(final_hidden(model, ids), OutputHead(model), ids, lm_weight=1.0)[0].backward()
         if run is not None:
             run.average_gradients([m.grad for m in gates._step_masks.values()])
         yield {name: grad.detach().float() for name, (_, grad) in gates.mask_gradients().items()}

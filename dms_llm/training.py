@@ -70,17 +70,19 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def batch_of(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The global batch of ``step``: a deterministic function of (seed, step), so a resumed run sees the same data.
-    Each epoch visits the windows in a new random order."""
-    n = len(windows)
+def batch_rows(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The indices (into ``n`` windows) of the global batch of ``step``: a deterministic function of (seed, step), so
+    a resumed run sees the same data. Each epoch visits the windows in a new random order."""
     per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     idx = order[pos * batch_size : (pos + 1) * batch_size]
-    if len(idx) < batch_size:
-        idx = order[:batch_size]
-    return windows[idx]
+    return idx if len(idx) == batch_size else order[:batch_size]
+
+
+def batch_of(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The global batch of ``step`` (:func:`batch_rows`)."""
+    return windows[batch_rows(len(windows), step, batch_size, seed)]
 
 
 def check_windows(windows, vocab_size: int) -> None:
@@ -141,17 +143,22 @@ def save_atomically(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+KEPT_FREE_BYTES = 2**28
+
+
 def reuse_freed_memory() -> bool:
     """Keep freed memory in this process for the next allocation instead of returning it to the system (glibc only;
-    the command line calls this once). Large tensors — the logits of every step — are otherwise mapped afresh each
-    time: the main job's 48 million minor page faults and a sixth of its CPU time. Returns whether it applied."""
+    the command line calls this once). Large tensors — a chunk of logits, many times a step — are otherwise mapped
+    afresh each time (the main job once had 48 million minor page faults, a sixth of its CPU time). Up to
+    ``KEPT_FREE_BYTES`` of free memory stay with the process, a few chunks' worth (dms_llm.logits). Returns whether
+    it applied."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, KEPT_FREE_BYTES))
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
         return False
 
@@ -257,15 +264,18 @@ class Trainer:
         model, self.optimizer = self.accelerator.prepare(model, optimizer)
         return model
 
-    def batch(self, windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
-        """This process's rows of the global batch of ``step`` (``batch_size`` rows per process), on its device."""
-        if batch_size < 1 or batch_size * self.world > len(windows):
+    def rows(self, n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The indices (into ``n`` windows) of this process's rows of the global batch of ``step`` (``batch_size``
+        rows per process)."""
+        if batch_size < 1 or batch_size * self.world > n:
             raise TrainingError(f"{self.world} process(es) x `batch_size` {batch_size} must be between 1 and the "
-                                f"{len(windows)} windows")
-        rows = batch_of(windows, step, batch_size * self.world, seed)
-        if self.world > 1:
-            rows = rows.chunk(self.world)[self.accelerator.process_index]
-        return rows.to(self.device)
+                                f"{n} windows")
+        rows = batch_rows(n, step, batch_size * self.world, seed)
+        return rows.chunk(self.world)[self.accelerator.process_index] if self.world > 1 else rows
+
+    def batch(self, windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """This process's rows of the global batch of ``step`` (:meth:`rows`), on its device."""
+        return windows[self.rows(len(windows), step, batch_size, seed)].to(self.device)
 
     def average_gradients(self, tensors) -> None:
         """Data parallel without a wrapped model: average these gradients over the processes, so every process takes
@@ -354,5 +364,6 @@ class Trainer:
         raise FloatingPointError(f"the {self.name} loss became {loss.item()} at step {step + 1}{where}. {self.hint}")
 
 
-__all__ = ["Trainer", "TrainingConfig", "TrainingError", "add_lora", "batch_of", "check_windows", "input_device",
-           "is_dispatched", "kl_divergence", "lm_loss", "load_trainable_state", "save_atomically", "trainable_state"]
+__all__ = ["Trainer", "TrainingConfig", "TrainingError", "add_lora", "batch_of", "batch_rows", "check_windows",
+           "input_device", "is_dispatched", "kl_divergence", "lm_loss", "load_trainable_state", "save_atomically",
+           "trainable_state"]

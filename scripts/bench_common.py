@@ -32,8 +32,15 @@ def replace_section(markdown: str | Path, start: str, end: str, lines: list[str]
     return md
 
 
-METHODS = ("dms_per_layer", "dms_uniform", "flap", "wanda_sp", "minitron_width", "sleb", "shortgpt", "taylor_uniform",
-           "random_uniform")
+def dms_llm_teacher_top_k() -> int:
+    from dms_llm.search import PruneConfig
+
+    return PruneConfig.teacher_top_k
+
+
+DMS_FORMATS = {"dms_per_layer": "per-layer", "dms_uniform": "uniform", "dms_auto": "auto"}
+METHODS = ("dms_per_layer", "dms_uniform", "dms_auto", "flap", "wanda_sp", "minitron_width", "sleb", "shortgpt",
+           "taylor_uniform", "random_uniform")
 PEERS = tuple(m for m in METHODS if not m.startswith("dms")) + ("torch_pruning",)
 
 
@@ -76,9 +83,11 @@ class Methods:
         self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
         self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
         self.dms_key = f"-rc{held_out.shape[0]}x{held_out.shape[1]}" if held_out is not None else ""
+        self.dms_key += f"-topk{dms_llm_teacher_top_k()}"
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
         self._repaired = {}  # structure key -> (repaired model, repair seconds) left by the depth check
+        self.checked = {}  # structure key -> the candidates the DMS checks scored (format, losses, chosen, why)
 
     def structure(self, method: str, keep: float):
         """(structure, seconds it took to find it — also when it comes from the cache)."""
@@ -104,7 +113,7 @@ class Methods:
         if method in ("flap", "minitron_width") and self._stats is None:
             self._stats = baselines.activation_stats(model, calib)
         if method.startswith("dms"):
-            config = dms_llm.PruneConfig(keep=keep, steps=self.steps, uniform=method == "dms_uniform",
+            config = dms_llm.PruneConfig(keep=keep, steps=self.steps, format=DMS_FORMATS[method],
                                          channel_multiple=self.channel_multiple)
             structure = self.choose(dms_llm.prune(model, calib, config, progress=False))
         elif method == "flap":
@@ -128,15 +137,16 @@ class Methods:
     def choose(self, result):
         """The structure a DMS search returns here: its own choice, or with held-out windows the depth-check
         candidate closest to the dense model once repaired."""
-        from dms_llm.reconstruct import ReconstructConfig, choose_after_repair
+        from dms_llm.pipeline import choose_after_repair_of
+        from dms_llm.reconstruct import ReconstructConfig
 
         if self.held_out is None or len(result.candidates) < 2:
             return result.structure
-        index, _, repaired, record = choose_after_repair(self.model, result.candidates, self.calib, self.held_out,
-                                                         ReconstructConfig(samples=self.recon_samples))
-        structure = result.candidates[index]
-        self._repaired[_key(structure)] = (repaired, record["seconds"])  # its +recon row takes it as it is
-        return structure
+        result, repaired, record = choose_after_repair_of(self.model, result, self.calib, self.held_out,
+                                                          ReconstructConfig(samples=self.recon_samples))
+        self._repaired[_key(result.structure)] = (repaired, record["seconds"])  # its +recon row takes it as it is
+        self.checked[_key(result.structure)] = result.depth_check
+        return result.structure
 
     def _cache_path(self, method: str, keep: float) -> Path | None:
         key = self.key + (self.dms_key if method.startswith("dms") else "")

@@ -97,12 +97,15 @@ def pruned_folder(tmp_path, dense_folder):
 
 
 def nan_on_call(fn, n: int):
-    """``fn`` whose ``n``-th call returns its value times NaN (a loss that turns non-finite at one step)."""
+    """``fn`` whose ``n``-th call returns its value (or the first of the values it returns) times NaN (a loss that
+    turns non-finite at one step)."""
     calls = {"n": 0}
 
     def wrapped(*args, **kwargs):
         calls["n"] += 1
         value = fn(*args, **kwargs)
-        return value * float("nan") if calls["n"] == n else value
+        if calls["n"] != n:
+            return value
+        return (value[0] * float("nan"), *value[1:]) if isinstance(value, tuple) else value * float("nan")
 
     return wrapped

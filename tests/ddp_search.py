@@ -42,8 +42,11 @@ if args.finetune:
                        "grad_norm": [h["grad_norm"] for h in result.history],
                        "weights": {k: v.flatten().tolist() for k, v in pruned.state_dict().items()}}, f)
     sys.exit(0)
+# sharded weights skip the checks after the search (they compare against the dense model): the single process
+# skips them too under --fsdp, so that both return the search's own structure
+checks = dict(format="per-layer", depth_check=0) if args.fsdp else {}
 cfg = PruneConfig(keep=0.6, steps=12, warmup_steps=2, batch_size=args.batch_size, seed=5, patience=100,
-                  fsdp=args.fsdp)
+                  fsdp=args.fsdp, **checks)
 result = prune(model, calib, cfg, progress=False)
 from accelerate import PartialState  # noqa: E402
 

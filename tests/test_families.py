@@ -169,7 +169,7 @@ def test_per_layer_check_passes_every_family_and_refuses_a_bidirectional_gemma()
         check_per_layer_support(tiny(family))
     config = FAMILIES["gemma3"]()
     config.use_bidirectional_attention = True  # EmbeddingGemma-style: not a causal LM
-    with pytest.raises(ExportError, match="both directions.*--uniform"):
+    with pytest.raises(ExportError, match="both directions.*--format uniform"):
         check_per_layer_support(AutoModelForCausalLM.from_config(config))
 
 

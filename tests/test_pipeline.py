@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from dms_llm import cli
-from dms_llm.pipeline import FinetuneJob, PruneJob, finetune_checkpoint, prune_checkpoint
+from dms_llm.pipeline import FinetuneJob, PruneJob, after_repair_candidates, finetune_checkpoint, prune_checkpoint
 from dms_llm.recovery import FinetuneConfig
 from dms_llm.search import PruneConfig
 
@@ -35,18 +35,19 @@ def _snapshot(folder):
     return files
 
 
-def _prune_args(dense_folder, text_file, out):
+def _prune_args(dense_folder, text_file, out, *more):
     return ["prune", str(dense_folder), "--keep", "0.7", "--steps", "3", "--seq-len", "32", "--num-samples", "4",
             "--calib", str(text_file), "--eval-data", str(text_file), "--eval-seq-len", "64", "--eval-windows", "2",
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", *more]
 
 
 def test_cli_and_python_entry_point_write_the_same_folder(dense_folder, text_file, tmp_path):
     out = tmp_path / "out"
-    assert cli.main(_prune_args(dense_folder, text_file, out)) == 0
+    assert cli.main(_prune_args(dense_folder, text_file, out, "--format", "per-layer")) == 0
     from_cli = _snapshot(out)
     shutil.rmtree(out)
-    job = PruneJob(str(dense_folder), str(out), PruneConfig(keep=0.7, steps=3), calib=str(text_file), seq_len=32,
+    job = PruneJob(str(dense_folder), str(out), PruneConfig(keep=0.7, steps=3, format="per-layer"),
+                   calib=str(text_file), seq_len=32,
                    num_samples=4, eval_data=str(text_file), eval_seq_len=64, eval_windows=2)
     run = prune_checkpoint(job, progress=False)
     from_api = _snapshot(out)
@@ -152,19 +153,19 @@ def test_rerun_after_an_interruption_says_what_it_found(dense_folder, text_file,
 
     import dms_llm.training as training_mod
 
-    real_batch = training_mod.batch_of
+    real_batch = training_mod.batch_rows
 
-    def interrupt_at_step_3(windows, step, batch_size, seed):
+    def interrupt_at_step_3(n, step, batch_size, seed):
         if step == 2 and seed == 0:  # the search's third batch (the warm-up uses seed + 1)
             raise KeyboardInterrupt
-        return real_batch(windows, step, batch_size, seed)
+        return real_batch(n, step, batch_size, seed)
 
-    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_3)
+    monkeypatch.setattr(training_mod, "batch_rows", interrupt_at_step_3)
     args = _prune_args(dense_folder, text_file, tmp_path / "out")
     assert cli.main(args) == 130
     state = tmp_path / ".out.search-state.pt"
     assert state.exists()
-    monkeypatch.setattr(training_mod, "batch_of", real_batch)
+    monkeypatch.setattr(training_mod, "batch_rows", real_batch)
     with caplog.at_level(logging.WARNING, logger="dms_llm"):
         prune_checkpoint(PruneJob(str(dense_folder), str(tmp_path / "out"), PruneConfig(keep=0.7, steps=3),
                                   calib=str(text_file), seq_len=32, num_samples=4, eval_data=None))
@@ -190,10 +191,18 @@ def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_fold
     run = prune_checkpoint(job, progress=False)
     checked = run.info["search"]["depth_check"]
     assert len(checked) > 1 and run.info["search"]["depth_check_after_repair"] == 3
+    scored = [i for i, c in enumerate(checked) if c["kl_repaired"] is not None]
+    assert scored == after_repair_candidates(checked)  # the searched, the pre-repair favourite, none removed; uniform
+    assert {checked[i]["format"] for i in scored} == {"per-layer", "uniform"} and 0 in scored
     kls = [c["kl_repaired"] for c in checked]
     chosen = [i for i, c in enumerate(checked) if c["chosen"]]
-    assert len(chosen) == 1 and kls[chosen[0]] == min(kls)
+    best = min(kls[i] for i in scored)
+    assert len(chosen) == 1 and chosen[0] in scored and checked[chosen[0]]["reason"]
+    assert kls[chosen[0]] == best or (checked[chosen[0]]["format"] == "uniform" and kls[chosen[0]] <= 1.01 * best)
     assert run.search.structure == run.search.candidates[chosen[0]]
+    assert run.export.uniform == (checked[chosen[0]]["format"] == "uniform")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## How the structure was chosen" in card and checked[chosen[0]]["reason"] in card
     assert run.search.pruned_resource == checked[chosen[0]]["resource"] <= run.search.target_resource
     dense, tokenizer, _ = load_model(str(dense_folder))
     exported, _, _ = load_model(str(tmp_path / "out"), trust_remote_code=True, check_supported=False)
@@ -203,6 +212,16 @@ def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_fold
     off = prune_checkpoint(dataclasses.replace(job, out=str(tmp_path / "off"), repair_check=0), progress=False)
     assert off.info["search"]["depth_check_after_repair"] == 0
     assert all("kl_repaired" not in c for c in off.info["search"]["depth_check"])
+
+
+def test_after_repair_candidates_keep_both_ends_of_the_depth_range_and_the_favourite():
+    def c(fmt, removed, loss):
+        return {"format": fmt, "removed": {"attn_depth": removed, "mlp_depth": 0}, "loss": loss}
+
+    checked = [c("per-layer", 8, 2.0), c("per-layer", 6, 1.5), c("per-layer", 4, 1.9), c("per-layer", 2, 1.8),
+               c("per-layer", 0, 2.1), c("uniform", 0, 3.0)]
+    assert after_repair_candidates(checked) == [0, 1, 4, 5]
+    assert after_repair_candidates(checked[:1] + checked[5:]) == [0, 1]
 
 
 def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp_path):
@@ -216,7 +235,11 @@ def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp
     given = cli.build_parser().parse_args(args)
     assert {k: v for k, v in vars(recorded).items() if k != "quiet"} == \
         {k: v for k, v in vars(given).items() if k != "quiet"}
-    assert info["num_layers_after"] == info["num_layers_before"] and info["search"]["depth_check"] == []
+    assert info["num_layers_after"] == info["num_layers_before"]
+    # without the depth search, the check only compares formats (auto): no candidate removes a block
+    checked = info["search"]["depth_check"]
+    assert checked and "uniform" in {c["format"] for c in checked}
+    assert not any(any(c["removed"].values()) for c in checked)
 
 
 def test_a_model_far_worse_than_dense_is_flagged_in_the_report_and_the_card():

@@ -186,15 +186,15 @@ def test_the_choice_after_the_repair_keeps_the_candidate_closest_to_the_dense_mo
     shape = ModelShape.from_model(gqa_model)
     narrow, dense = per_layer_structure(gqa_model), Structure.dense(shape)
     calib, held_out = windows[:12], windows[12:]
-    index, losses, model, repair = choose_after_repair(gqa_model, [narrow, dense], calib, held_out,
-                                                       ReconstructConfig(samples=8, check_windows=0))
-    assert index == 1 and losses[1] < 1e-6 < losses[0] and repair["blocks"]
+    index, losses, model, repair, why = choose_after_repair(gqa_model, [narrow, dense], calib, held_out,
+                                                            ReconstructConfig(samples=8, check_windows=0))
+    assert index == 1 and losses[1] < 1e-6 < losses[0] and repair["blocks"] and "lowest" in why
     assert count_parameters(model) == count_parameters(gqa_model)
     alone = build_pruned_model(gqa_model, narrow)
     reconstruct(alone, gqa_model, narrow, calib, ReconstructConfig(samples=8, check_windows=0), progress=False)
     assert abs(kl_to_dense(alone, gqa_model, held_out) - losses[0]) < 1e-6  # the score is the repaired model's
-    index, losses, model, _ = choose_after_repair(gqa_model, [narrow, narrow], calib, held_out,
-                                                  ReconstructConfig(samples=8, check_windows=0))
+    index, losses, model, _, _ = choose_after_repair(gqa_model, [narrow, narrow], calib, held_out,
+                                                     ReconstructConfig(samples=8, check_windows=0))
     assert index == 0 and losses[0] == losses[1]
     with pytest.raises(Exception, match="at least one candidate"):
         choose_after_repair(gqa_model, [], calib, held_out)

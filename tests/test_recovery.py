@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_weights(pair, windows, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pair, windows, tmp_path, monkeypatch):
     dense, pruned = pair
-    monkeypatch.setattr(recovery_mod, "kl_divergence", nan_on_call(recovery_mod.kl_divergence, 3))
+    monkeypatch.setattr(recovery_mod, "next_token_loss", nan_on_call(recovery_mod.next_token_loss, 3))
     config = FinetuneConfig(tokens=10 * 4 * 32, lr=1e-3, checkpoint_path=str(tmp_path / "s.pt"))
     with pytest.raises(FloatingPointError, match="at step 3.*state after step 2"):
         finetune(pruned, windows, config, teacher=dense, progress=False)

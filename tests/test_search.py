@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from dms_llm.errors import DMSError
 from dms_llm.resources import ResourceModel
 from dms_llm.search import BudgetError, PruneConfig, prune
-from dms_llm.structure import ModelShape
+from dms_llm.structure import ModelShape, Structure
 
 from .conftest import nan_on_call
 
@@ -63,18 +64,18 @@ def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkey
     base = dict(keep=0.6, steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=4)
     full = prune(gqa_model, calib, PruneConfig(**base), progress=False)
     ckpt = tmp_path / "state.pt"
-    real_batch = training_mod.batch_of
+    real_batch = training_mod.batch_rows
 
-    def interrupt_at_step_7(windows, step, batch_size, seed):
+    def interrupt_at_step_7(n, step, batch_size, seed):
         if step == 6:
             raise KeyboardInterrupt
-        return real_batch(windows, step, batch_size, seed)
+        return real_batch(n, step, batch_size, seed)
 
-    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_7)
+    monkeypatch.setattr(training_mod, "batch_rows", interrupt_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
     assert torch.load(ckpt, weights_only=False)["step"] == 6
-    monkeypatch.setattr(training_mod, "batch_of", real_batch)
+    monkeypatch.setattr(training_mod, "batch_rows", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.steps_run == 10 and _log(resumed.history) == _log(full.history)
     assert resumed.structure == full.structure
@@ -133,20 +134,20 @@ def test_interrupted_joint_search_restores_the_model_and_resumes(gqa_model, cali
 
     straight_model = copy.deepcopy(gqa_model)
     full = prune(straight_model, calib, PruneConfig(**base), progress=False)
-    ckpt, real_batch = tmp_path / "state.pt", training_mod.batch_of
+    ckpt, real_batch = tmp_path / "state.pt", training_mod.batch_rows
 
-    def interrupt_at_step_6(windows, step, batch_size, seed):
+    def interrupt_at_step_6(n, step, batch_size, seed):
         if step == 5:
             raise KeyboardInterrupt
-        return real_batch(windows, step, batch_size, seed)
+        return real_batch(n, step, batch_size, seed)
 
-    monkeypatch.setattr(training_mod, "batch_of", interrupt_at_step_6)
+    monkeypatch.setattr(training_mod, "batch_rows", interrupt_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
     assert _plain_linears(gqa_model)
     assert all(torch.equal(v, original[k]) for k, v in gqa_model.state_dict().items())  # adapters dropped, unmerged
     assert torch.load(ckpt, weights_only=False)["lora"]
-    monkeypatch.setattr(training_mod, "batch_of", real_batch)
+    monkeypatch.setattr(training_mod, "batch_rows", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.structure == full.structure and _log(resumed.history) == _log(full.history)
     final = torch.load(ckpt, weights_only=False)["lora"]  # saved before the merge: the adapters, not every weight
@@ -174,7 +175,7 @@ def test_dispatched_model_is_searched_where_it_was_placed(gqa_model, calib, monk
 def test_nan_loss_stops_and_keeps_the_last_good_state(gqa_model, calib, tmp_path, monkeypatch):
     import dms_llm.search as search_mod
 
-    monkeypatch.setattr(search_mod, "kl_divergence", nan_on_call(search_mod.kl_divergence, 3))
+    monkeypatch.setattr(search_mod, "task_loss", nan_on_call(search_mod.task_loss, 3))
     ckpt = tmp_path / "state.pt"
     cfg = PruneConfig(keep=0.7, steps=10, warmup_steps=1, batch_size=2, checkpoint_path=str(ckpt))
     with pytest.raises(FloatingPointError, match="at step 3.*after step 2"):
@@ -219,7 +220,8 @@ def test_search_never_ends_worse_than_its_width_only_structure(gqa_model, calib,
     and narrowing them all — the candidate the depth check scores and a width-only search's structure."""
     from dms_llm.search import calibration_losses
 
-    cfg = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, uniform=uniform, patience=3)
+    cfg = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, format="uniform" if uniform else "per-layer",
+                      patience=3)
     result = prune(gqa_model, calib, cfg, progress=False)
     checked = result.depth_check
     assert checked and sum(c["chosen"] for c in checked) == 1
@@ -237,3 +239,57 @@ def test_search_never_ends_worse_than_its_width_only_structure(gqa_model, calib,
 def test_depth_check_is_validated():
     with pytest.raises(Exception, match="depth_check"):
         PruneConfig(keep=0.5, depth_check=-1)
+
+
+def test_auto_also_scores_a_uniform_structure_built_from_the_per_layer_ranking(gqa_model, calib):
+    from dms_llm.gates import DMSGates
+    from dms_llm.search import uniform_from_ranking
+
+    result = prune(gqa_model, calib, PruneConfig(keep=0.6, steps=6, warmup_steps=1, batch_size=2), progress=False)
+    formats = [c["format"] for c in result.depth_check]
+    assert formats.count("uniform") == 1 and formats[0] == "per-layer"  # the searched structure comes first
+    uniform = result.candidates[formats.index("uniform")]
+    assert uniform.is_uniform() and all(x.kv_heads and x.channels for x in uniform.layers)
+    assert sum(c["chosen"] for c in result.depth_check) == 1 and result.met_budget
+    # each layer keeps its own most important units, as many as the stock config's counts allow within the budget
+    gates = DMSGates(gqa_model, channel_multiple=8)
+    shape = ModelShape.from_model(gqa_model)
+    resource = ResourceModel(shape)
+    target = PruneConfig(keep=0.6).resolve_target(resource)
+    with torch.no_grad():
+        gates.operators["channels"].importance.copy_(torch.arange(96.0).flip(0).repeat(4, 1))  # low indices first
+    built = uniform_from_ranking(gates, resource, target)
+    gates.remove()
+    assert [len(s.layers[0].kv_heads) for s in built] == shape.valid_uniform_group_counts()
+    for s in built:
+        width = len(s.layers[0].channels)
+        assert resource.of_structure(s) <= target and width % 8 == 0
+        assert all(x.channels == list(range(width)) for x in s.layers)
+        wider = Structure.dense(shape)  # 8 more channels would not fit
+        for x, y in zip(wider.layers, s.layers):
+            x.kv_heads, x.channels = y.kv_heads, list(range(width + 8))
+        assert width + 8 > 96 or resource.of_structure(wider) > target
+
+
+def test_the_stock_format_wins_within_the_tolerance():
+    from dms_llm.search import choose_candidate
+
+    shape = ModelShape(vocab_size=10, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4,
+                       intermediate_size=8, tie_word_embeddings=True)
+    per_layer, uniform = Structure.dense(shape), Structure.dense(shape)
+    per_layer.layers[0].channels = per_layer.layers[0].channels[:4]
+    assert not per_layer.is_uniform() and uniform.is_uniform()
+    assert choose_candidate([1.0, 1.009], [per_layer, uniform])[0] == 1  # within 1%: stock
+    index, why = choose_candidate([1.0, 1.02], [per_layer, uniform])
+    assert index == 0 and "1.0200x" in why
+    assert choose_candidate([1.1, 1.0], [per_layer, uniform])[0] == 1  # simply better
+    assert choose_candidate([1.0, 1.0], [per_layer, per_layer])[0] == 0  # ties: the earlier
+
+
+def test_format_settings_are_validated():
+    assert PruneConfig(keep=0.5, uniform=True).format == "uniform"
+    assert PruneConfig(keep=0.5, format="uniform").uniform and not PruneConfig(keep=0.5).uniform
+    with pytest.raises(DMSError, match="format"):
+        PruneConfig(keep=0.5, format="stock")
+    with pytest.raises(DMSError, match="give one"):
+        PruneConfig(keep=0.5, uniform=True, format="per-layer")
