@@ -13,6 +13,7 @@ import torch
 
 from .data import evaluation_tokens
 from .logits import OutputHead, final_hidden, next_token_loss
+from .progress import Heartbeat
 
 
 def default_eval_seq_len(model) -> int:
@@ -50,12 +51,14 @@ def perplexity(
     model.eval()
     nll_sum, count, t0 = 0.0, 0, time.perf_counter()
     head = OutputHead(model)
+    beat = Heartbeat("perplexity, windows", n)
     for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="window", unit_scale=batch_size,
                   disable=None if progress else True, dynamic_ncols=True, leave=False):
         ids = windows[i : i + batch_size].to(device)
         lm = next_token_loss(final_hidden(model, ids), head, ids, lm_weight=1.0)[0]  # a few positions at a time
         nll_sum += float(lm) * ids[:, 1:].numel()
         count += ids[:, 1:].numel()
+        beat.tick(min(i + batch_size, n))
     model.train(was_training)
     mean = nll_sum / count
     return {

@@ -76,6 +76,7 @@ from torch import nn
 from .errors import DMSError
 from .layerwise import LayerRunner, run_seeing_input
 from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
+from .progress import Heartbeat
 from .structure import ModelShape, Structure, decoder_layers
 
 logger = logging.getLogger("dms_llm")
@@ -152,9 +153,6 @@ def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, sums: _Norma
     if fit_bias:  # centre: the intercept takes the means
         xx, xy = xx - torch.outer(sx, sx) / n, xy - torch.outer(sx, sy) / n
     k = len(kept)
-    if n < k:
-        logger.warning("%s: %d calibration tokens for %d features; the ridge term keeps the fit close to the original "
-                       "weights (give more calibration windows for a better repair)", where, n, k)
     lam = config.ridge * max(float(torch.diagonal(xx).mean()), 1e-12)
     start = dense.weight.detach()[:, kept.to(dense.weight.device)].to(xx.device, torch.float64)
     system = xx + lam * torch.eye(k, dtype=xx.dtype, device=xx.device)
@@ -175,7 +173,7 @@ def _refit(dense: nn.Linear, pruned: nn.Linear, kept: torch.Tensor, sums: _Norma
         pruned.weight.copy_(w.to(pruned.weight.dtype))
         if fit_bias:
             pruned.bias.copy_(b.to(pruned.bias.dtype))
-    return {"error_before": before, "error_after": after}
+    return {"error_before": before, "error_after": after, "tokens": int(n), "features": k}
 
 
 def _kept_columns(structure: Structure, index: int, block: str, shape: ModelShape) -> torch.Tensor:
@@ -263,6 +261,7 @@ def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, 
     head = OutputHead(pruned)
     repaired = [t.detach().clone() for t in _projections(pruned)] if sliced is not None else None
     total = {"kl": 0.0, "lm": 0.0, **({"kl_sliced": 0.0} if sliced is not None else {})}
+    beat = Heartbeat("held-out scoring, windows", len(windows))
     for i in range(0, len(windows), batch_size):
         rows = list(range(i, min(i + batch_size, len(windows))))
         reference.fill(dense, rows)
@@ -275,6 +274,7 @@ def held_out_scores(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, 
             total["kl_sliced"] += float(next_token_loss(final_hidden(pruned, ids), head, ids, targets)[1]["kl"]) * len(
                 rows)
             _restore(pruned, repaired)
+        beat.tick(rows[-1] + 1)
     pruned.train(modes)
     return {k: v / len(windows) for k, v in total.items()}
 
@@ -352,6 +352,7 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
     stream = run.embed()  # the pruned model's residual stream (its embeddings are the dense ones)
     pruned_layer = dict(zip(structure.kept_layers(), decoder_layers(pruned)))
     report, pending, absorbed = [], None, []  # pending: what the removed blocks since the last kept one would add
+    beat = Heartbeat("reconstruction, layers", len(run.layers))
     for i in tqdm(range(len(run.layers)), desc="DMS reconstruction", disable=None if progress else True,
                   dynamic_ncols=True, leave=False):
         layer, target = run.layers[i], pruned_layer.get(i)
@@ -380,8 +381,15 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
             after = run.output_norm(target, block)  # identity, or Gemma 3's post-block norm
             stream = [h + after(proj(x).float()) for h, x in zip(stream, features)]
             pending, absorbed = None, []
+        beat.tick(i + 1)
     if absorbed:
         logger.info("reconstruction: no kept block after %s to take over what they added", ", ".join(absorbed))
+    short = [r for r in report if r["tokens"] < r["features"]]
+    if short:  # one line per repair, not one per block
+        logger.warning("reconstruction: %d of %d blocks had fewer calibration tokens (%d) than kept features (up to "
+                       "%d); the ridge term keeps their fit close to the original weights (give more calibration "
+                       "windows for a better repair)", len(short), len(report), short[0]["tokens"],
+                       max(r["features"] for r in short))
     dense.train(was_training)
     return report
 

@@ -32,6 +32,7 @@ from torch import nn
 from .errors import DMSError
 from .gates import DMSGates, hard_masked
 from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
+from .progress import Heartbeat
 from .resources import ResourceModel
 from .structure import ModelShape, Structure, decoder_layers
 from .training import (
@@ -239,12 +240,14 @@ def calibration_losses(model: nn.Module, structures: list[Structure], windows: t
     teacher = teacher or TeacherCache(windows, PruneConfig.teacher_top_k)
     device = input_device(model)
     totals = [0.0] * len(structures)
+    beat = Heartbeat(f"scoring {len(structures)} candidate structures", len(windows) * len(structures))
     for row in range(len(windows)):
         teacher.fill(model, [row])
         ids, targets = windows[row: row + 1].to(device), teacher.targets([row], device)
         for i, structure in enumerate(structures):
             with hard_masked(model, structure):
                 totals[i] += float(task_loss(model, ids, targets, lm_weight)[0])
+            beat.tick(row * len(structures) + i + 1)
     return [t / len(windows) for t in totals]
 
 

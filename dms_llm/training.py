@@ -213,6 +213,7 @@ class Trainer:
         self.teacher, self.train_mode = teacher, train_mode
         self.path = Path(config.checkpoint_path) if config.checkpoint_path else None
         self.optimizer = None
+        self._beat = None  # the step lines' heartbeat (log_every)
 
     # -- setup and restore ---------------------------------------------------------------------------------
     def __enter__(self) -> "Trainer":
@@ -352,9 +353,15 @@ class Trainer:
         return history
 
     def log_every(self, step: int) -> int:
-        """The level to log step ``step``'s line at: INFO every ``checkpoint_every`` steps, DEBUG otherwise (the
-        console shows one live bar; every step is in the run's JSONL log)."""
-        return logging.INFO if (step + 1) % self.config.checkpoint_every == 0 or step == 0 else logging.DEBUG
+        """The level to log step ``step``'s line at: INFO every ``checkpoint_every`` steps and at least every
+        ``HEARTBEAT_SECONDS`` (dms_llm.progress), DEBUG otherwise (the console shows one live bar; every step is in the
+        run's JSONL log)."""
+        from .progress import Heartbeat
+
+        if self._beat is None:
+            self._beat = Heartbeat(self.name)
+        due = self._beat.due()  # always asked, so that the interval counts from the last INFO line
+        return logging.INFO if (step + 1) % self.config.checkpoint_every == 0 or step == 0 or due else logging.DEBUG
 
     def _stop_on_nonfinite(self, loss: torch.Tensor, step: int, state_fn) -> None:
         where = ""
