@@ -230,7 +230,7 @@ def export(
     """Slice ``model`` to ``structure`` (or take ``pruned``, a model already sliced to it and perhaps repaired),
     save it to ``out_dir`` with tokenizer, generation config, ``dms_structure.json``, ``dms_structure.png`` and a
     model card, reload it and check its logits against the model in memory (fp32: max abs diff <= 1e-3), then move
-    it into place. ``source_dir`` (the input checkpoint's folder) is never written to."""
+    it into place. ``source_dir`` (the input checkpoint's folder, or its .gguf file) is never written to."""
     shape = ModelShape.from_model(model)
     structure.validate(shape)
     out = check_output_dir(out_dir, source_dir, overwrite)

