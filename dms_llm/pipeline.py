@@ -230,8 +230,8 @@ def quality_warning(ppl: dict) -> str | None:
 def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
     """Seconds of one plain training step of ``model`` (forward, LM loss with the head applied a few positions at a
     time, backward into every weight) on ``ids``: the yardstick the search step is reported against, so its cost
-    reads the same on any machine. The weights' gradients are dropped again; a model spread over devices is not timed
-    (None)."""
+    reads the same on any machine. Each weight's gradient is dropped as soon as it is complete (a hook), so the
+    yardstick never holds a model's worth of gradients; a model spread over devices is not timed (None)."""
     from .logits import OutputHead, final_hidden, next_token_loss
     from .training import input_device, is_dispatched
 
@@ -243,8 +243,10 @@ def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
     def step():
         next_token_loss(final_hidden(model, ids), OutputHead(model), ids, lm_weight=1.0)[0].backward()
 
+    drop = []
     try:
         model.requires_grad_(True)
+        drop = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p, _ in flags]
         step()  # warm-up
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
@@ -253,6 +255,8 @@ def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
             torch.cuda.synchronize(ids.device)
         return time.perf_counter() - t0
     finally:
+        for handle in drop:
+            handle.remove()
         model.zero_grad(set_to_none=True)
         for p, flag in flags:
             p.requires_grad_(flag)

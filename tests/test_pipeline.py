@@ -7,6 +7,7 @@ import shlex
 import shutil
 
 import pytest
+import torch
 
 from dms_llm import cli
 from dms_llm.pipeline import FinetuneJob, PruneJob, after_repair_candidates, finetune_checkpoint, prune_checkpoint
@@ -259,3 +260,32 @@ def test_a_model_far_worse_than_dense_is_flagged_in_the_report_and_the_card():
     card = render_model_card(info)
     assert "## Quality warning" in card and warning in card
     assert "Quality warning" not in render_model_card({**info, "warning": None})
+
+
+def test_the_plain_step_yardstick_drops_each_gradient_and_restores_the_flags(gqa_model, calib):
+    """The plain forward+backward the search step is timed against backpropagates into every weight, but never holds
+    a model's worth of gradients: each is dropped once complete; the weights' requires_grad flags come back."""
+    from dms_llm.pipeline import plain_step_seconds
+
+    reached = set()  # weights whose gradient was completed (hooks registered while they require grad)
+    gqa_model.requires_grad_(True)
+    for name, p in gqa_model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: reached.add(name))
+    gqa_model.requires_grad_(False)
+    gqa_model.model.norm.weight.requires_grad_(True)
+    held = []  # the gradients present at the end of each backward pass
+    real_backward = torch.Tensor.backward
+
+    def backward(loss, *args, **kwargs):
+        real_backward(loss, *args, **kwargs)
+        held.append([n for n, p in gqa_model.named_parameters() if p.grad is not None])
+
+    torch.Tensor.backward = backward
+    try:
+        seconds = plain_step_seconds(gqa_model, calib[:1])
+    finally:
+        torch.Tensor.backward = real_backward
+    assert seconds > 0 and held == [[], []]  # warm-up and timed step
+    assert reached == {name for name, _ in gqa_model.named_parameters()}
+    assert all(p.grad is None for p in gqa_model.parameters())
+    assert [n for n, p in gqa_model.named_parameters() if p.requires_grad] == ["model.norm.weight"]
