@@ -30,11 +30,14 @@ START, END = "<!-- seeds:start -->", "<!-- seeds:end -->"
 
 def run_one(prune_args: list[str], seed: int, out: Path, env: dict) -> dict:
     """One `dms-llm prune ... --seed SEED --out OUT` (resumed when its search state is there); its record."""
+    out = out.resolve()
     resume = (out.parent / f".{out.name}.search-state.pt").exists()
     cmd = [sys.executable, "-m", "dms_llm", "prune", *prune_args, "--seed", str(seed), "--out", str(out), "--quiet",
            "--resume" if resume else "--overwrite"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # run from the output's parent: from the repository root `python -m` would import the working tree first,
+    # whatever PYTHONPATH (--library) says
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
