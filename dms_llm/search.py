@@ -357,7 +357,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         teacher = TeacherCache(calib, config.teacher_top_k)
         completed, t0 = False, time.perf_counter()
         try:
-            history = _search(model, gates, adapters, calib, teacher, config, resource, target, run, progress)
+            history = _search(model, gates, adapters, calib, teacher, config, resource, target, run, progress, sharded)
             completed = True
         finally:
             gates.begin_step("off")
@@ -383,8 +383,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
 
 
 def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, config: PruneConfig,
-            resource: ResourceModel, target: int, run: Trainer, progress: bool) -> list[dict]:
-    """The DMS steps, from the warm-up (or the saved state) to the stop."""
+            resource: ResourceModel, target: int, run: Trainer, progress: bool, sharded: bool) -> list[dict]:
+    """The DMS steps, from the warm-up (or the saved state) to the stop; ``sharded``: FSDP over several processes."""
     lora_params = [p for p in model.parameters() if p.requires_grad] if adapters is not None else []
     groups = [{"params": list(gates.parameters()), "lr": config.lr}]
     if lora_params:
@@ -406,7 +406,6 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
                "last": _key(gates.hard_structure()) if state else None, "t": time.perf_counter()}
     decay_steps = max(1, int(config.target_decay * config.steps))
     teacher_mode = adapters.disable_adapter if adapters is not None else nullcontext
-    sharded = config.fsdp and run.world > 1
 
     def dms_loss(step: int):
         """KL(dense || gated) + w_lm * LM  +  lambda * max(0, log(r_c / r_t))."""
