@@ -42,13 +42,15 @@ def _add_eval_args(p: argparse.ArgumentParser, default_data: str | None) -> None
     p.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (default: all)")
 
 
-def _add_run_args(p: argparse.ArgumentParser, what: str, seq_len: int, batch_size: int) -> None:
+def _add_run_args(p: argparse.ArgumentParser, what: str, seq_len: int, batch_size: int, precision: str) -> None:
     p.add_argument("--calib", default="pydoc",
                    help="calibration / training text: pydoc (built in), wikitext2, c4, a .txt/.jsonl file or a folder")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per calibration / training window")
     p.add_argument("--batch-size", type=int, default=batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default=precision, choices=["auto", "no", "bf16", "fp16"],
+                   help=f"autocast of the {what}; auto: bf16 on a GPU or CPU that multiplies in bf16 natively "
+                        f"(AVX512-BF16, AMX, compute capability 8+), else fp32 (default: {precision})")
     p.add_argument("--resume", action="store_true", help=f"continue an interrupted {what} of the same --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "repaired (the closest to the dense model is kept; 0 = the pre-repair choice stands)")
     p.add_argument("--repair-check-len", type=int, default=2048,
                    help="tokens per held-out window of --repair-check (capped at the model's context)")
-    _add_run_args(p, "search", seq_len=256, batch_size=1)
+    _add_run_args(p, "search", seq_len=256, batch_size=1, precision="auto")
 
     f = sub.add_parser("finetune", formatter_class=DefaultsOnce,
                        help="recover a pruned export by distillation from the dense model (full or LoRA)")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-alpha", type=int, default=32)
     f.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(teacher || student)")
     f.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the LM loss (1 with --no-teacher)")
-    _add_run_args(f, "run", seq_len=512, batch_size=4)
+    _add_run_args(f, "run", seq_len=512, batch_size=4, precision="no")
 
     u = sub.add_parser("push", formatter_class=DefaultsOnce, help="upload an export to a Hub model repo",
                        description="Upload a dms-llm export (weights, config + code, tokenizer, structure, plot, logs, "

@@ -382,6 +382,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
                    "target_resource": result.target_resource, "format": config.format},
         "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
+                   "precision": result.precision,
                    "step_cost": _step_cost(result, reference), "depth_check": result.depth_check,
                    "depth_check_after_repair": 0 if held_out is None else len(held_out),
                    "calibration": str(job.calib), "seq_len": job.seq_len, "num_samples": job.num_samples,

@@ -66,6 +66,7 @@ class PruneConfig(TrainingConfig):
 
     keep: float | None = None
     target: int | None = None
+    mixed_precision: str = "auto"  # the search's autocast: bf16 where the device multiplies in bf16 natively
     resource: str = "params"  # or "macs" (per sequence of macs_seq_len tokens)
     macs_seq_len: int = 2048
     format: str = "auto"  # "per-layer", "uniform" (a stock checkpoint), or "auto": the better of the two (FORMATS)
@@ -155,6 +156,7 @@ class PruneResult:
     weights_updated: bool = False  # joint mode: LoRA merged into the model's weights
     depth_check: list[dict] = field(default_factory=list)  # the candidates scored after the search, chosen marked
     candidates: list[Structure] = field(default_factory=list)  # their structures, in the same order
+    precision: str = "no"  # the autocast the search ran under ("no": fp32), `mixed_precision` resolved
 
     @property
     def met_budget(self) -> bool:
@@ -374,11 +376,12 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         else:
             structure, checked, candidates = fit_to_budget(gates, resource, target), [], []
         seconds = time.perf_counter() - t0
+        precision = run.precision
     return PruneResult(
         structure=structure, dense_resource=dense, target_resource=target,
         pruned_resource=resource.of_structure(structure), search_seconds=seconds,
         steps_run=len(history), history=history, weights_updated=adapters is not None, depth_check=checked,
-        candidates=candidates,
+        candidates=candidates, precision=precision,
     )
 
 

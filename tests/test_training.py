@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from dms_llm.training import Trainer, TrainingConfig, TrainingError, batch_of
+from dms_llm import training
+from dms_llm.training import Trainer, TrainingConfig, TrainingError, batch_of, resolve_precision
 
 SEARCH = textwrap.dedent(
     """
@@ -102,3 +103,16 @@ def test_batches_depend_only_on_seed_and_step():
 def test_bad_training_settings_are_refused():
     with pytest.raises(TrainingError, match="mixed_precision"):
         TrainingConfig(mixed_precision="fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_multiplies_in_bf16(monkeypatch, native):
+    monkeypatch.setattr(training, "native_bf16", lambda device_type: native)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "no")
+    assert resolve_precision("no", "cpu") == "no" and resolve_precision("bf16", "cpu") == "bf16"
+    model = torch.nn.Linear(4, 4)
+    with Trainer(model, TrainingConfig(mixed_precision="auto"), "test", "") as run:
+        assert run.precision == ("bf16" if native else "no")
+        with run.accelerator.autocast():
+            out = model(torch.randn(2, 4))
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
