@@ -8,8 +8,10 @@ or step by step:
 
     model, tokenizer, _ = load_model("smollm2-135m")
     calib = calibration_windows(tokenizer, "pydoc", seq_len=256, num_samples=64)
-    result = prune(model, calib, PruneConfig(keep=0.8))                  # the search; the model is unchanged
-    exported = export(model, result.structure, "smollm2-dms", tokenizer=tokenizer)
+    held_out = held_out_windows(tokenizer, "pydoc", 256, 64, count=4, length=2048)  # text calib does not hold
+    result = prune(model, calib, PruneConfig(keep=0.8), held_out=held_out, repair=ReconstructConfig())
+    # the search, then its best candidates repaired and scored on held_out: the command's choice; model unchanged
+    exported = export(model, result.structure, "smollm2-dms", tokenizer=tokenizer, pruned=result.repaired)
     print(evaluate(exported.model, tokenizer, ppl_data=["pydoc-heldout"]))
     finetune(exported.model, calib, FinetuneConfig(tokens=200_000), teacher=model)   # recovery by distillation
     save_recovered(exported.model, "smollm2-dms-ft", "smollm2-dms", tokenizer=tokenizer)
@@ -18,7 +20,7 @@ or step by step:
 
 __version__ = "0.1.0"
 
-from .data import calibration_windows, load_text
+from .data import calibration_windows, held_out_windows, load_text
 from .errors import DMSError
 from .evaluation import evaluate, perplexity
 from .exporter import build_pruned_model, export
@@ -38,6 +40,6 @@ __all__ = [
     "DMSError", "DMSGates", "DifferentiableTopK", "EvalJob", "FinetuneConfig", "FinetuneJob", "FinetuneResult",
     "ModelShape", "PruneConfig", "PruneJob", "PruneResult", "ReconstructConfig", "ResourceModel", "Structure",
     "build_pruned_model", "calibration_windows", "count_parameters", "evaluate", "evaluate_checkpoint", "export",
-    "finetune", "finetune_checkpoint", "hard_masked", "load_model", "load_text", "perplexity", "prune",
-    "prune_checkpoint", "push", "save_recovered", "stage",
+    "finetune", "finetune_checkpoint", "hard_masked", "held_out_windows", "load_model", "load_text", "perplexity",
+    "prune", "prune_checkpoint", "push", "save_recovered", "stage",
 ]

@@ -32,7 +32,7 @@ from .exporter import ExportError, ExportResult, build_pruned_model, check_per_l
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
 from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_family, check_gguf_output, write_gguf
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
-from .reconstruct import ReconstructConfig, choose_after_repair, reconstruct
+from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
 from .search import PruneConfig, PruneResult, prune
 
@@ -277,10 +277,10 @@ def _evaluation_tokens(tokenizer, job) -> torch.Tensor | None:
     return evaluation_tokens(tokenizer, job.eval_data) if job.eval_data is not None and _is_main_process() else None
 
 
-def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult, model) -> torch.Tensor | None:
+def _repair_check_windows(tokenizer, job: PruneJob, recon, model) -> torch.Tensor | None:
     """The held-out calibration windows of the check after the repair, or None when it does not run (no repair, no
-    ``repair_check``, a single candidate, or no text beyond the calibration windows)."""
-    if recon is None or job.repair_check < 1 or len(result.candidates) < 2:
+    ``repair_check``, or no text beyond the calibration windows)."""
+    if recon is None or job.repair_check < 1:
         return None
     context = getattr(model.config, "max_position_embeddings", None) or job.repair_check_len
     held_out = held_out_windows(tokenizer, job.calib, job.seq_len, job.num_samples, job.repair_check,
@@ -289,40 +289,6 @@ def _repair_check_windows(tokenizer, job: PruneJob, recon, result: PruneResult, 
         logger.warning("%s holds no text beyond the %d calibration windows: the depth check's pre-repair choice "
                        "stands", job.calib, job.num_samples)
     return held_out
-
-
-def after_repair_candidates(checked: list[dict]) -> list[int]:
-    """Which of the depth check's candidates (its records) the check after the repair repairs and scores: of each
-    format, the searched structure, the one the pre-repair loss prefers and the one that removes no block. The
-    pre-repair loss ranks repaired candidates poorly (docs/DESIGN.md §3), so the two ends of the depth range stay."""
-    picks: set[int] = set()
-    for fmt in ("per-layer", "uniform"):
-        mine = [i for i, c in enumerate(checked) if c["format"] == fmt]
-        if mine:
-            favourite = min(mine, key=lambda i: (checked[i]["loss"], i))
-            none_removed = [i for i in mine if not any(checked[i]["removed"].values())]
-            picks |= {mine[0], favourite, *none_removed[:1]}
-    return sorted(picks)
-
-
-def choose_after_repair_of(model, result: PruneResult, calib: torch.Tensor, held_out: torch.Tensor, recon):
-    """Repair the depth check's few best candidates (:func:`after_repair_candidates`) and keep the one
-    :func:`dms_llm.search.choose_candidate` picks on their KL to the dense model on ``held_out``; the search result
-    then names that structure and records each candidate's repaired KL and why the winner won."""
-    picks = after_repair_candidates(result.depth_check)
-    index, losses, pruned, repair, why = choose_after_repair(model, [result.candidates[i] for i in picks], calib,
-                                                             held_out, recon)
-    kl = dict(zip(picks, losses))
-    checked = [{k: v for k, v in c.items() if k != "reason"} | {"kl_repaired": round(kl[i], 5) if i in kl else None,
-                                                                 "chosen": i == picks[index]}
-               for i, c in enumerate(result.depth_check)]
-    checked[picks[index]]["reason"] = why
-    logger.info("check after the repair on %d held-out calibration windows of %d tokens: kept candidate %d, %s (%s "
-                "removed): %s", len(held_out), held_out.shape[1], picks[index] + 1, checked[picks[index]]["format"],
-                ", ".join(f"{v} {k}" for k, v in checked[picks[index]]["removed"].items()), why)
-    result = dataclasses.replace(result, structure=result.candidates[picks[index]], depth_check=checked,
-                                 pruned_resource=checked[picks[index]]["resource"])
-    return result, pruned, repair
 
 
 def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
@@ -362,7 +328,8 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     if tokens is not None and config.joint:  # the joint search changes the weights: score the dense model first
         ppl = _perplexities({"dense": model}, tokens, job)
     reference = plain_step_seconds(model, calib[:config.batch_size]) if not config.fsdp else None
-    result = prune(model, calib, config, progress=progress)
+    held_out = _repair_check_windows(tokenizer, job, recon, model)
+    result = prune(model, calib, config, progress=progress, held_out=held_out, repair=recon)
     if not _is_main_process():
         return None
     logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
@@ -370,9 +337,8 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
 
     if config.fsdp and PartialState().num_processes > 1:  # the weights were frozen and sharded: export a fresh copy
         model, _, _ = load_model(job.model, dtype=job.dtype, device="cpu", trust_remote_code=job.trust_remote_code)
-    held_out = _repair_check_windows(tokenizer, job, recon, result, model)
-    if held_out is not None:
-        result, pruned, repair = choose_after_repair_of(model, result, calib, held_out, recon)
+    if result.repaired is not None:  # the check after the repair ran: its winner comes repaired
+        pruned, repair = result.repaired, result.repair
     else:
         pruned = build_pruned_model(model, result.structure)
         repair = reconstruct(pruned, model, result.structure, calib, recon, progress=progress) if recon else None

@@ -320,6 +320,42 @@ def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: to
     return index, losses, pruned, repair, why
 
 
+def after_repair_candidates(checked: list[dict]) -> list[int]:
+    """Which of the depth check's candidates (its records) the check after the repair repairs and scores: of each
+    format, the searched structure, the one the pre-repair loss prefers and the one that removes no block. The
+    pre-repair loss ranks repaired candidates poorly (docs/DESIGN.md §3), so the two ends of the depth range stay."""
+    picks: set[int] = set()
+    for fmt in ("per-layer", "uniform"):
+        mine = [i for i, c in enumerate(checked) if c["format"] == fmt]
+        if mine:
+            # the halving's finalists (scored on the most windows) first
+            favourite = min(mine, key=lambda i: (-checked[i].get("windows", 0), checked[i]["loss"], i))
+            none_removed = [i for i in mine if not any(checked[i]["removed"].values())]
+            picks |= {mine[0], favourite, *none_removed[:1]}
+    return sorted(picks)
+
+
+def choose_after_repair_of(model: nn.Module, result, calib: torch.Tensor, held_out: torch.Tensor,
+                           config: ReconstructConfig | None = None):
+    """Repair the depth check's few best candidates (:func:`after_repair_candidates`) of a search ``result``
+    (:class:`dms_llm.search.PruneResult`) and keep the one :func:`dms_llm.search.choose_candidate` picks on their KL
+    to the dense ``model`` on ``held_out``. Returns the result naming that structure, with each candidate's
+    repaired KL and why the winner won in its record, and the winner repaired (``repaired``, ``repair``)."""
+    picks = after_repair_candidates(result.depth_check)
+    index, losses, pruned, repair, why = choose_after_repair(model, [result.candidates[i] for i in picks], calib,
+                                                             held_out, config)
+    kl = dict(zip(picks, losses))
+    checked = [{k: v for k, v in c.items() if k != "reason"} | {"kl_repaired": round(kl[i], 5) if i in kl else None,
+                                                                 "chosen": i == picks[index]}
+               for i, c in enumerate(result.depth_check)]
+    checked[picks[index]]["reason"] = why
+    logger.info("check after the repair on %d held-out calibration windows of %d tokens: kept candidate %d, %s (%s "
+                "removed): %s", len(held_out), held_out.shape[1], picks[index] + 1, checked[picks[index]]["format"],
+                ", ".join(f"{v} {k}" for k, v in checked[picks[index]]["removed"].items()), why)
+    return dataclasses.replace(result, structure=result.candidates[picks[index]], depth_check=checked,
+                               pruned_resource=checked[picks[index]]["resource"], repaired=pruned, repair=repair)
+
+
 def _projections(model: nn.Module) -> list[torch.Tensor]:
     """The parameters the repair writes: every kept ``o_proj`` and ``down_proj`` weight (and bias)."""
     blocks = [(getattr(layer, block), name) for layer in decoder_layers(model)

@@ -157,6 +157,9 @@ class PruneResult:
     depth_check: list[dict] = field(default_factory=list)  # the candidates scored after the search, chosen marked
     candidates: list[Structure] = field(default_factory=list)  # their structures, in the same order
     precision: str = "no"  # the autocast the search ran under ("no": fp32), `mixed_precision` resolved
+    # with held-out windows: the winner of the check after the repair, sliced and repaired, and its repair record
+    repaired: nn.Module | None = field(default=None, repr=False, compare=False)
+    repair: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def met_budget(self) -> bool:
@@ -235,22 +238,39 @@ def task_loss(model: nn.Module, ids: torch.Tensor, teacher, lm_weight: float) ->
 
 @torch.no_grad()
 def calibration_losses(model: nn.Module, structures: list[Structure], windows: torch.Tensor,
-                       lm_weight: float = 1.0, teacher: TeacherCache | None = None) -> list[float]:
+                       lm_weight: float = 1.0, teacher: TeacherCache | None = None,
+                       halving: list | None = None) -> tuple[list[float], list[int]]:
     """The search's task loss, KL(dense || pruned) + ``lm_weight`` * LM, of each structure (as hard masks on
     ``model``) averaged over ``windows`` (N, T); the dense model's outputs come from ``teacher`` (a cache over
-    windows whose first N are these), or are computed once per window."""
+    windows whose first N are these), or are computed once per window. Returns the losses and the windows each
+    was scored on.
+
+    ``halving`` (one label per structure, e.g. its format): successive halving. After a quarter of the windows,
+    then after each doubling, only the better half of the structures still scored goes on, and the best of each
+    label always does; a dropped structure's loss is its mean over the windows it saw. Every structure still in
+    at the end is scored on all N windows, at about half the cost of scoring every one on all of them."""
     teacher = teacher or TeacherCache(windows, PruneConfig.teacher_top_k)
     device = input_device(model)
-    totals = [0.0] * len(structures)
-    beat = Heartbeat(f"scoring {len(structures)} candidate structures", len(windows) * len(structures))
+    n = len(structures)
+    totals, seen, alive = [0.0] * n, [0] * n, list(range(n))
+    cut = max(2, len(windows) // 4) if halving is not None else len(windows)
+    beat = Heartbeat(f"scoring {n} candidate structures", len(windows) * n)
+    work = 0
     for row in range(len(windows)):
         teacher.fill(model, [row])
         ids, targets = windows[row: row + 1].to(device), teacher.targets([row], device)
-        for i, structure in enumerate(structures):
-            with hard_masked(model, structure):
+        for i in alive:
+            with hard_masked(model, structures[i]):
                 totals[i] += float(task_loss(model, ids, targets, lm_weight)[0])
-            beat.tick(row * len(structures) + i + 1)
-    return [t / len(windows) for t in totals]
+            seen[i] += 1
+            work += 1
+            beat.tick(work)
+        if row + 1 == cut and row + 1 < len(windows):
+            ranked = sorted(alive, key=lambda i: (totals[i], i))
+            best_of_label = {halving[i]: i for i in reversed(ranked)}.values()
+            alive = sorted(set(ranked[:max(2, (len(ranked) + 1) // 2)]) | set(best_of_label))
+            cut = min(len(windows), 2 * cut)
+    return [t / max(k, 1) for t, k in zip(totals, seen)], seen
 
 
 def uniform_from_ranking(gates: DMSGates, resource: ResourceModel, target: int) -> list[Structure]:
@@ -305,22 +325,27 @@ def check_depth(model: nn.Module, gates: DMSGates, resource: ResourceModel, targ
     uniform = uniform_from_ranking(gates, resource, target) if with_uniform else []
     if len(candidates) + len(uniform) == 1:
         return candidates[0][1], [], []
-    losses = calibration_losses(model, [s for _, s in candidates] + uniform, windows, lm_weight, teacher)
+    everything = [s for _, s in candidates] + uniform
+    labels = ["uniform" if s.is_uniform() else "per-layer" for s in everything]
+    losses, seen = calibration_losses(model, everything, windows, lm_weight, teacher, halving=labels)
     if uniform:  # the uniform structure of the best head-group count stays a candidate
         n = len(candidates)
-        u = min(range(len(uniform)), key=lambda i: (losses[n + i], i))
+        u = min(range(len(uniform)), key=lambda i: (-seen[n + i], losses[n + i], i))
         candidates.append(({name: 0 for name in candidates[0][0]}, uniform[u]))
-        losses = losses[:n] + [losses[n + u]]
+        losses, seen = losses[:n] + [losses[n + u]], seen[:n] + [seen[n + u]]
     structures = [s for _, s in candidates]
-    best, why = choose_candidate(losses, structures)
+    # only the candidates scored on every window compete (the halving dropped the others on fewer windows)
+    full = [i for i, k in enumerate(seen) if k == len(windows)]
+    pick, why = choose_candidate([losses[i] for i in full], [structures[i] for i in full])
+    best = full[pick]
     record = [{"format": "uniform" if s.is_uniform() else "per-layer", "removed": removed,
-               "resource": resource.of_structure(s), "loss": round(loss, 5), "chosen": i == best,
+               "resource": resource.of_structure(s), "loss": round(loss, 5), "windows": k, "chosen": i == best,
                **({"reason": why} if i == best else {})}
-              for i, ((removed, s), loss) in enumerate(zip(candidates, losses))]
+              for i, ((removed, s), loss, k) in enumerate(zip(candidates, losses, seen))]
     for r in record:
         removed = ", ".join(f"{v} {k}" for k, v in r["removed"].items())
-        logger.info("depth check: %s, %s removed -> loss %.4f%s", r["format"], removed, r["loss"],
-                    " (chosen)" if r["chosen"] else "")
+        logger.info("depth check: %s, %s removed -> loss %.4f on %d windows%s", r["format"], removed, r["loss"],
+                    r["windows"], " (chosen)" if r["chosen"] else "")
     logger.info("depth check on %d calibration windows: kept candidate %d (%s)", len(windows), best + 1, why)
     return structures[best], record, structures
 
@@ -329,12 +354,18 @@ def _fmt(x: float) -> str:
     return f"{x / 1e9:.3f}G" if x >= 1e9 else f"{x / 1e6:.2f}M"
 
 
-def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True) -> PruneResult:
+def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True,
+          held_out: torch.Tensor | None = None, repair=None) -> PruneResult:
     """Search the structure of ``model`` under ``config``'s budget on the calibration windows ``calib``
     ((num_samples, seq_len) token ids). The model is left exactly as it was, except in joint mode, where the trained
     LoRA adapters are merged into its weights, and with ``fsdp`` under several processes, where its frozen weights
     stay sharded (export from a fresh load of the same checkpoint); export the result with
-    :func:`dms_llm.export`."""
+    :func:`dms_llm.export`.
+
+    ``held_out``: windows of the same text that ``calib`` does not hold (:func:`dms_llm.data.held_out_windows`).
+    Given, the depth check's best candidates are also repaired (``repair``, a
+    :class:`dms_llm.reconstruct.ReconstructConfig`) and the one closest to the dense model on them wins, as in
+    ``dms-llm prune``; the result then carries it repaired (``repaired``: pass it to ``export(..., pruned=)``)."""
     shape = ModelShape.from_model(model)
     resource = ResourceModel(shape, config.resource, config.macs_seq_len)
     target = config.resolve_target(resource)
@@ -370,19 +401,26 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         # on weights sharded over processes
         auto = config.format == "auto"
         if (config.depth_check or auto) and not config.joint and not sharded:
-            structure, checked, candidates = check_depth(
-                model, gates, resource, target, calib[:config.depth_check or DEPTH_WINDOWS], config.lm_loss_weight,
-                teacher, with_uniform=auto, fractions=DEPTH_FRACTIONS if config.depth_check else ())
+            with run.accelerator.autocast():  # the search's own loss, at the search's precision
+                structure, checked, candidates = check_depth(
+                    model, gates, resource, target, calib[:config.depth_check or DEPTH_WINDOWS],
+                    config.lm_loss_weight, teacher, with_uniform=auto,
+                    fractions=DEPTH_FRACTIONS if config.depth_check else ())
         else:
             structure, checked, candidates = fit_to_budget(gates, resource, target), [], []
         seconds = time.perf_counter() - t0
         precision = run.precision
-    return PruneResult(
+    result = PruneResult(
         structure=structure, dense_resource=dense, target_resource=target,
         pruned_resource=resource.of_structure(structure), search_seconds=seconds,
         steps_run=len(history), history=history, weights_updated=adapters is not None, depth_check=checked,
         candidates=candidates, precision=precision,
     )
+    if held_out is None or len(result.candidates) < 2:
+        return result
+    from .reconstruct import choose_after_repair_of
+
+    return choose_after_repair_of(model, result, calib, held_out, repair)
 
 
 def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, config: PruneConfig,

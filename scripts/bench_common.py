@@ -137,14 +137,14 @@ class Methods:
     def choose(self, result):
         """The structure a DMS search returns here: its own choice, or with held-out windows the depth-check
         candidate closest to the dense model once repaired."""
-        from dms_llm.pipeline import choose_after_repair_of
-        from dms_llm.reconstruct import ReconstructConfig
+        from dms_llm.reconstruct import ReconstructConfig, choose_after_repair_of
 
         if self.held_out is None or len(result.candidates) < 2:
             return result.structure
-        result, repaired, record = choose_after_repair_of(self.model, result, self.calib, self.held_out,
-                                                          ReconstructConfig(samples=self.recon_samples))
-        self._repaired[_key(result.structure)] = (repaired, record["seconds"])  # its +recon row takes it as it is
+        result = choose_after_repair_of(self.model, result, self.calib, self.held_out,
+                                        ReconstructConfig(samples=self.recon_samples))
+        # its +recon row takes it as it is
+        self._repaired[_key(result.structure)] = (result.repaired, result.repair["seconds"])
         self.checked[_key(result.structure)] = result.depth_check
         return result.structure
 

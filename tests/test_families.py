@@ -321,9 +321,9 @@ def test_finetune_and_eval_take_every_family_per_layer(family):
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2_windows"])
 def test_prune_command_per_layer_on_a_gemma3_and_a_mixed_window_folder(tmp_path, text_file, family):
-    """`dms-llm prune FOLDER` as a user runs it, per layer (the default), on the two layouts the per-layer format
-    gained last: the search, the repair and both perplexities run, the export reloads at the recorded size, and its
-    card says how to load it."""
+    """`dms-llm prune FOLDER --format per-layer` as a user runs it, on the two layouts the per-layer format gained
+    last (under `auto` either format may win on a tiny random model): the search, the repair and both perplexities
+    run, the export reloads at the recorded size, and its card says how to load it."""
     from .conftest import char_tokenizer
 
     dense = tmp_path / "dense"
@@ -331,9 +331,9 @@ def test_prune_command_per_layer_on_a_gemma3_and_a_mixed_window_folder(tmp_path,
     char_tokenizer().save_pretrained(dense)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", str(dense), "--keep", "0.8", "--steps", "3",
-                           "--seq-len", "32", "--num-samples", "8", "--calib", str(text_file), "--eval-data",
-                           str(text_file), "--eval-windows", "2", "--eval-seq-len", "32", "--repair-check", "2",
-                           "--repair-check-len", "64", "--out", str(out), "--quiet"],
+                           "--format", "per-layer", "--seq-len", "32", "--num-samples", "8", "--calib", str(text_file),
+                           "--eval-data", str(text_file), "--eval-windows", "2", "--eval-seq-len", "32",
+                           "--repair-check", "2", "--repair-check-len", "64", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "dms_structure.json").read_text())

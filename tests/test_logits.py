@@ -147,7 +147,7 @@ def test_exact_teacher_cache_scores_like_the_full_logits(small_chunks):
     pruned = Structure.dense(shape)
     pruned.layers[0].channels = pruned.layers[0].channels[:20]
     pruned.layers[1].kv_heads = pruned.layers[1].kv_heads[:1]
-    [ours] = calibration_losses(dense, [pruned], windows, lm_weight=1.0, teacher=TeacherCache(windows, top_k=0))
+    [ours], _ = calibration_losses(dense, [pruned], windows, lm_weight=1.0, teacher=TeacherCache(windows, top_k=0))
     with torch.no_grad():
         teacher = dense(input_ids=windows).logits
         with hard_masked(dense, pruned):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dms_llm import cli
-from dms_llm.pipeline import FinetuneJob, PruneJob, after_repair_candidates, finetune_checkpoint, prune_checkpoint
+from dms_llm.pipeline import FinetuneJob, PruneJob, finetune_checkpoint, prune_checkpoint
+from dms_llm.reconstruct import after_repair_candidates
 from dms_llm.recovery import FinetuneConfig
 from dms_llm.search import PruneConfig
 
@@ -210,6 +211,15 @@ def test_the_depth_check_chooses_after_the_repair_on_held_out_windows(dense_fold
     held_out = held_out_windows(tokenizer, text_file, 32, 8, 3, length=128)
     assert held_out.shape == (3, 128)
     assert abs(kl_to_dense(exported, dense, held_out) - kls[chosen[0]]) < 1e-4
+    # the Python API makes the same choice, given the same held-out windows and repair
+    from dms_llm.data import calibration_windows
+    from dms_llm.reconstruct import ReconstructConfig
+    from dms_llm.search import prune
+
+    calib = calibration_windows(tokenizer, str(text_file), 32, 8, seed=config.seed)
+    same = prune(dense, calib, config, progress=False, held_out=held_out, repair=ReconstructConfig(samples=4))
+    assert same.structure == run.search.structure and same.repaired is not None
+    assert [c["kl_repaired"] for c in same.depth_check] == pytest.approx(kls)
     off = prune_checkpoint(dataclasses.replace(job, out=str(tmp_path / "off"), repair_check=0), progress=False)
     assert off.info["search"]["depth_check_after_repair"] == 0
     assert all("kl_repaired" not in c for c in off.info["search"]["depth_check"])
@@ -223,6 +233,10 @@ def test_after_repair_candidates_keep_both_ends_of_the_depth_range_and_the_favou
                c("per-layer", 0, 2.1), c("uniform", 0, 3.0)]
     assert after_repair_candidates(checked) == [0, 1, 4, 5]
     assert after_repair_candidates(checked[:1] + checked[5:]) == [0, 1]
+    # successive halving: a low loss on fewer windows is not the favourite; the best finalist is
+    halved = [dict(x, windows=16) for x in checked]
+    halved[1]["windows"], halved[3]["windows"] = 4, 8
+    assert after_repair_candidates(halved) == [0, 2, 4, 5]
 
 
 def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp_path):

@@ -221,16 +221,18 @@ def test_search_never_ends_worse_than_its_width_only_structure(gqa_model, calib,
     from dms_llm.search import calibration_losses
 
     cfg = PruneConfig(keep=0.45, steps=16, warmup_steps=2, batch_size=2, format="uniform" if uniform else "per-layer",
-                      patience=3)
+                      patience=3, mixed_precision="no")  # fp32: the losses below are compared with the check's
     result = prune(gqa_model, calib, cfg, progress=False)
     checked = result.depth_check
     assert checked and sum(c["chosen"] for c in checked) == 1
-    assert min(c["loss"] for c in checked) == next(c["loss"] for c in checked if c["chosen"])
+    full = [c for c in checked if c["windows"] == len(calib[:cfg.depth_check])]  # the halving's finalists
+    assert min(c["loss"] for c in full) == next(c["loss"] for c in checked if c["chosen"])
     assert sum(checked[-1]["removed"].values()) == 0  # the width-only candidate was scored
     width_only = prune(gqa_model, calib, PruneConfig(**{**cfg.__dict__, "search_depth": False}), progress=False)
     assert all(x.kv_heads and x.channels for x in width_only.structure.layers)
     assert width_only.depth_check == []  # nothing removed: nothing to check
-    ours, theirs = calibration_losses(gqa_model, [result.structure, width_only.structure], calib[:cfg.depth_check])
+    (ours, theirs), _ = calibration_losses(gqa_model, [result.structure, width_only.structure],
+                                           calib[:cfg.depth_check])
     assert ours <= theirs + 1e-6
     off = prune(gqa_model, calib, PruneConfig(**{**cfg.__dict__, "depth_check": 0}), progress=False)
     assert off.depth_check == [] and off.pruned_resource <= off.target_resource
@@ -293,3 +295,27 @@ def test_format_settings_are_validated():
         PruneConfig(keep=0.5, format="stock")
     with pytest.raises(DMSError, match="give one"):
         PruneConfig(keep=0.5, uniform=True, format="per-layer")
+
+
+def test_successive_halving_scores_the_finalists_on_every_window_and_keeps_each_label(gqa_model, calib):
+    """Structures spoiled step by step: the better half goes on after each round, the best of each label always
+    does, and the finalists' losses equal those of a full scoring."""
+    from dms_llm.search import calibration_losses
+
+    shape = ModelShape.from_model(gqa_model)
+    structures = []
+    for removed in range(6):  # more MLP channels removed, loss rises
+        s = Structure.dense(shape)
+        for layer in s.layers:
+            layer.channels = layer.channels[: len(layer.channels) - 8 * removed - 1]
+        structures.append(s)
+    labels = ["a"] * 5 + ["b"]  # the worst structure is the only "b": it must stay in
+    windows = calib[:8]
+    full, seen_all = calibration_losses(gqa_model, structures, windows, lm_weight=0.0)
+    assert seen_all == [8] * 6 and full == sorted(full)  # KL only: nested removals, rising loss
+    halved, seen = calibration_losses(gqa_model, structures, windows, lm_weight=0.0, halving=labels)
+    # after 2 windows the best 3 and the best "b" go on, after 4 the best 2 and the "b"
+    assert seen == [8, 8, 4, 2, 2, 8]
+    for i, k in enumerate(seen):
+        if k == 8:
+            assert halved[i] == pytest.approx(full[i], rel=1e-5)
