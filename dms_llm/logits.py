@@ -78,15 +78,42 @@ class OutputHead:
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)
         self.vocab_size = self.weight.shape[0]
 
+    def matmul_weight(self) -> torch.Tensor:
+        """The head's weight as its products use it: under autocast a frozen weight is cast to the autocast dtype
+        once and the copy kept while the weight is unchanged (autocast itself casts a frozen weight again at every
+        product: for Gemma 3's 262,144 x 640 head, several times per step), else the weight itself."""
+        w = self.weight
+        kind = w.device.type
+        if not torch.is_autocast_enabled(kind) or w.requires_grad:
+            return w
+        dtype = torch.get_autocast_dtype(kind)
+        if w.dtype == dtype:
+            return w
+        version, cast = getattr(w, "_dms_cast", (None, None))  # kept on the weight: it goes when the weight goes
+        if version != w._version or cast.dtype != dtype:
+            cast = w.detach().to(dtype)
+            w._dms_cast = (w._version, cast)
+        return cast
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits of ``hidden`` (N, H), in fp32."""
-        logits = F.linear(hidden.to(self.weight.device, self.weight.dtype), self.weight, self.bias).float()
+        w = self.matmul_weight()
+        bias = None if self.bias is None else self.bias.to(w.dtype)
+        logits = F.linear(hidden.to(w.device, w.dtype), w, bias).float()
         if self.softcap:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
     def positions_per_chunk(self) -> int:
         return max(1, CHUNK_ELEMENTS // self.vocab_size)
+
+
+def drop_casts(model: nn.Module) -> None:
+    """Free the autocast copy of ``model``'s head that :meth:`OutputHead.matmul_weight` keeps (end of a run)."""
+    getter = getattr(_unwrap(model), "get_output_embeddings", None)
+    module = getter() if getter is not None else None
+    if module is not None and hasattr(module.weight, "_dms_cast"):
+        del module.weight._dms_cast
 
 
 class TopKTargets:
@@ -183,8 +210,9 @@ class _ChunkedLoss(torch.autograd.Function):
     backward pass only scales them."""
 
     @staticmethod
-    def forward(ctx, run, hidden, weight, bias):
-        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+    def forward(ctx, run, head, hidden, weight, bias):
+        need_h, need_w, need_b = ctx.needs_input_grad[2:5]
+        product = head.matmul_weight()  # under autocast: the weight in its dtype, cast once
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
@@ -192,7 +220,7 @@ class _ChunkedLoss(torch.autograd.Function):
         for rows, loss, g in run(grad=True):  # g: fp32, d loss / d (the chunk's linear output)
             total += loss
             if need_h:
-                grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(grad_hidden.device)
+                grad_hidden[rows] = (g.to(product.dtype) @ product).to(grad_hidden.device, torch.float32)
             if need_w:  # in place: a temporary would be as large as the head
                 grad_weight.addmm_(g.T, hidden[rows].to(g.device, torch.float32))
             if need_b:
@@ -205,7 +233,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         # scaled in place: a head's weight gradient is as large as the head (671 MB for Gemma 3's)
         grads = [None if g is None else g.mul_(grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def next_token_loss(hidden: torch.Tensor, head: OutputHead, ids: torch.Tensor, teacher=None, kl_weight: float = 1.0,
@@ -236,7 +264,7 @@ def next_token_loss(hidden: torch.Tensor, head: OutputHead, ids: torch.Tensor, t
 
     params = (flat, head.weight, head.bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        loss = _ChunkedLoss.apply(run, *params)
+        loss = _ChunkedLoss.apply(run, head, *params)
     else:
         with torch.no_grad():
             loss = sum(loss for _, loss, _ in run(grad=False))
@@ -298,4 +326,5 @@ class TeacherCache:
         return HiddenTargets(parts[0], self.head) if not self.top_k else TopKTargets(*parts)
 
 
-__all__ = ["HiddenTargets", "OutputHead", "TeacherCache", "TopKTargets", "final_hidden", "next_token_loss"]
+__all__ = ["HiddenTargets", "OutputHead", "TeacherCache", "TopKTargets", "drop_casts", "final_hidden",
+           "next_token_loss"]

@@ -274,6 +274,11 @@ class Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
+        from .logits import drop_casts
+
+        for m in (self.model, self.teacher):
+            if m is not None:
+                drop_casts(m)  # the head's autocast copy, kept for the run's products
         if self.checkpointing:
             _set_checkpointing(self.model, False)
         self.model.train(self._was_training)

@@ -174,3 +174,33 @@ def test_bad_teacher_settings_are_refused():
         TeacherCache(torch.zeros(1, 4, dtype=torch.long), top_k=-1)
     with pytest.raises(DMSError, match="teacher_top_k"):
         PruneConfig(keep=0.8, teacher_top_k=-3)
+
+
+def test_under_autocast_the_frozen_head_is_cast_once_and_the_loss_follows_fp32(small_chunks):
+    """bf16 autocast (the search's default on CPUs with native bf16): the frozen head's bf16 copy is made once and
+    reused while the weight is unchanged, freed by drop_casts; loss and gradient stay near the fp32 ones."""
+    model = big_vocab_llama()
+    model.requires_grad_(False)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    teacher = TeacherCache(ids, top_k=16)
+    teacher.fill(model, [0, 1])
+    results = {}
+    for enabled in (False, True):
+        hidden = final_hidden(model, ids).detach().requires_grad_(True)
+        head = OutputHead(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss, _ = next_token_loss(hidden, head, ids, teacher.targets([0, 1], "cpu"), 1.0, 1.0)
+            if enabled:
+                first = head.matmul_weight()
+                assert first.dtype == torch.bfloat16 and OutputHead(model).matmul_weight() is first
+        loss.backward()
+        results[enabled] = (loss.detach(), hidden.grad)
+    (loss32, grad32), (loss16, grad16) = results[False], results[True]
+    assert abs(loss16 - loss32) <= 0.02 * loss32
+    assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.99
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # a change of the weight: the copy is made again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert OutputHead(model).matmul_weight() is not first
+    logits_mod.drop_casts(model)
+    assert not hasattr(model.lm_head.weight, "_dms_cast")
