@@ -44,7 +44,8 @@ def _add_eval_args(p: argparse.ArgumentParser, default_data: str | None) -> None
 
 def _add_run_args(p: argparse.ArgumentParser, what: str, seq_len: int, batch_size: int, precision: str) -> None:
     p.add_argument("--calib", default="pydoc",
-                   help="calibration / training text: pydoc (built in), wikitext2, c4, a .txt/.jsonl file or a folder")
+                   help="calibration / training text: pydoc (built in), wikitext2, ptb, c4, a .txt/.jsonl file or a "
+                        "folder")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per calibration / training window")
     p.add_argument("--batch-size", type=int, default=batch_size, help="windows per step")
     p.add_argument("--seed", type=int, default=0)
@@ -163,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gguf", formatter_class=DefaultsOnce, help="write an export as a GGUF file for llama.cpp",
                        description="Write a dms-llm export (per-layer: llama.cpp's deci architecture; uniform: llama) "
-                                   "or a Hugging Face Llama folder as a GGUF file, checked by llama.cpp itself (same "
-                                   "tokenization, same logits) before it is moved into place.")
-    g.add_argument("folder", help="output folder of dms-llm prune / finetune, or a Hugging Face Llama folder")
+                                   "or a Hugging Face Llama / Mistral / Qwen2 folder as a GGUF file, checked by "
+                                   "llama.cpp itself (same tokenization, same logits) before it is moved into place.")
+    g.add_argument("folder", help="output folder of dms-llm prune / finetune, or a Hugging Face Llama, Mistral or "
+                                  "Qwen2 folder")
     g.add_argument("--out", default=None, help="the .gguf file to write (default: <folder>-<type>.gguf beside it)")
     g.add_argument("--type", dest="gguf_type", default="f16", type=str.lower,
                    help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ... (non-float types through "

@@ -38,6 +38,15 @@ def dms_llm_teacher_top_k() -> int:
     return PruneConfig.teacher_top_k
 
 
+def search_precision() -> str:
+    """The autocast the DMS searches run under here (their default, ``mixed_precision="auto"``, resolved)."""
+    import torch
+
+    from dms_llm.training import resolve_precision
+
+    return resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 DMS_FORMATS = {"dms_per_layer": "per-layer", "dms_uniform": "uniform", "dms_auto": "auto"}
 METHODS = ("dms_per_layer", "dms_uniform", "dms_auto", "flap", "wanda_sp", "minitron_width", "sleb", "shortgpt",
            "taylor_uniform", "random_uniform")
@@ -83,14 +92,15 @@ class Methods:
         self.key = f"{Path(str(calib_name)).name}-{calib.shape[0]}x{calib.shape[1]}-{steps}steps"
         self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
         self.dms_key = f"-rc{held_out.shape[0]}x{held_out.shape[1]}" if held_out is not None else ""
-        self.dms_key += f"-topk{dms_llm_teacher_top_k()}"
+        self.dms_key += f"-topk{dms_llm_teacher_top_k()}-{search_precision()}"
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
         self._repaired = {}  # structure key -> (repaired model, repair seconds) left by the depth check
         self.checked = {}  # structure key -> the candidates the DMS checks scored (format, losses, chosen, why)
 
-    def structure(self, method: str, keep: float):
-        """(structure, seconds it took to find it — also when it comes from the cache)."""
+    def structure(self, method: str, keep: float, seed: int = 0):
+        """(structure, seconds it took to find it — also when it comes from the cache); ``seed``: of a DMS search
+        (the other methods are deterministic)."""
         import json
         import time
 
@@ -99,13 +109,14 @@ class Methods:
         from dms_llm.resources import ResourceModel
         from dms_llm.structure import ModelShape, Structure
 
-        if (method, keep) in self._structures:
-            return self._structures[method, keep]
-        path = self._cache_path(method, keep)
+        seed = seed if method.startswith("dms") else 0
+        if (method, keep, seed) in self._structures:
+            return self._structures[method, keep, seed]
+        path = self._cache_path(method, keep, seed)
         if path is not None and path.exists():
             saved = json.loads(path.read_text())  # with the seconds its search took when it was found
             found = (Structure.from_dict(saved["structure"]), saved["seconds"])
-            self._structures[method, keep] = found
+            self._structures[method, keep, seed] = found
             return found
         t0 = time.perf_counter()
         model, calib = self.model, self.calib
@@ -114,7 +125,7 @@ class Methods:
             self._stats = baselines.activation_stats(model, calib)
         if method.startswith("dms"):
             config = dms_llm.PruneConfig(keep=keep, steps=self.steps, format=DMS_FORMATS[method],
-                                         channel_multiple=self.channel_multiple)
+                                         channel_multiple=self.channel_multiple, seed=seed)
             structure = self.choose(dms_llm.prune(model, calib, config, progress=False))
         elif method == "flap":
             structure = baselines.flap(model, self._stats, target)
@@ -132,7 +143,7 @@ class Methods:
             structure = baselines.random_uniform(model, target)
         else:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        return self.remember(method, keep, structure, time.perf_counter() - t0)
+        return self.remember(method, keep, structure, time.perf_counter() - t0, seed)
 
     def choose(self, result):
         """The structure a DMS search returns here: its own choice, or with held-out windows the depth-check
@@ -148,25 +159,25 @@ class Methods:
         self.checked[_key(result.structure)] = result.depth_check
         return result.structure
 
-    def _cache_path(self, method: str, keep: float) -> Path | None:
-        key = self.key + (self.dms_key if method.startswith("dms") else "")
+    def _cache_path(self, method: str, keep: float, seed: int = 0) -> Path | None:
+        key = self.key + (self.dms_key + (f"-seed{seed}" if seed else "") if method.startswith("dms") else "")
         return self.cache_dir / f"{method}-keep{keep}-{key}.json" if self.cache_dir else None
 
-    def remember(self, method: str, keep: float, structure, seconds: float):
+    def remember(self, method: str, keep: float, structure, seconds: float, seed: int = 0):
         """Keep a structure found elsewhere (e.g. a DMS search another benchmark ran with these settings) as this
-        method's at ``keep``, in memory and in the cache, so the other benchmarks reuse it; returns (structure,
-        seconds)."""
+        method's at ``keep`` (and DMS ``seed``), in memory and in the cache, so the other benchmarks reuse it;
+        returns (structure, seconds)."""
         import json
 
         found = (structure, seconds)
-        self._structures[method, keep] = found
-        path = self._cache_path(method, keep)
+        self._structures[method, keep, seed] = found
+        path = self._cache_path(method, keep, seed)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"seconds": seconds, "structure": structure.to_dict()}))
         return found
 
-    def pruned(self, name: str, keep: float):
+    def pruned(self, name: str, keep: float, seed: int = 0):
         """(pruned model, structure, search seconds, reconstruction seconds or None) for ``method[+recon]``."""
         import time
 
@@ -175,7 +186,7 @@ class Methods:
         from dms_llm.reconstruct import ReconstructConfig, reconstruct
 
         method, recon = name.removesuffix("+recon"), name.endswith("+recon")
-        structure, seconds = self.structure(method, keep)
+        structure, seconds = self.structure(method, keep, seed)
         if recon and _key(structure) in self._repaired:  # repaired already, by the depth check after the repair
             pruned, recon_seconds = self._repaired.pop(_key(structure))
             return pruned, structure, seconds, recon_seconds
