@@ -63,6 +63,29 @@ def test_final_hidden_through_the_head_gives_the_models_logits_in_every_family()
                                   atol=1e-5), family
 
 
+def test_final_hidden_skips_the_heads_product_and_restores_the_head():
+    model = big_vocab_llama()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
+    calls = []
+
+    def wrapped(hidden):  # an instance forward already there (accelerate's hooks set one): it must come back
+        calls.append(1)
+        return type(model.lm_head).forward(model.lm_head, hidden)
+
+    model.lm_head.forward = wrapped
+    with torch.no_grad():
+        hidden = final_hidden(model, ids)
+        assert torch.equal(hidden, model.model(input_ids=ids).last_hidden_state)
+        assert widths == [0] and not calls  # the head's hooks ran, its product did not
+        assert model.lm_head.forward is wrapped
+        assert model(input_ids=ids).logits.shape == (2, 12, VOCAB) and calls == [1]
+    del model.lm_head.forward
+    final_hidden(model, ids)
+    assert "forward" not in model.lm_head.__dict__
+
+
 @pytest.mark.parametrize("family", ["big-vocab llama", "gemma3"])  # Gemma 3 with a final softcap
 def test_chunked_loss_and_gradients_equal_the_full_logits_ones(monkeypatch, family):
     if family == "gemma3":
