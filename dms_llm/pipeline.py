@@ -35,6 +35,7 @@ from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resol
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
 from .search import PruneConfig, PruneResult, prune
+from .training import is_dispatched, release_freed_memory
 
 logger = logging.getLogger("dms_llm")
 
@@ -233,7 +234,7 @@ def plain_step_seconds(model, ids: torch.Tensor) -> float | None:
     reads the same on any machine. Each weight's gradient is dropped as soon as it is complete (a hook), so the
     yardstick never holds a model's worth of gradients; a model spread over devices is not timed (None)."""
     from .logits import OutputHead, final_hidden, next_token_loss
-    from .training import input_device, is_dispatched
+    from .training import input_device
 
     if is_dispatched(model):
         return None
@@ -328,8 +329,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     if tokens is not None and config.joint:  # the joint search changes the weights: score the dense model first
         ppl = _perplexities({"dense": model}, tokens, job)
     reference = plain_step_seconds(model, calib[:config.batch_size]) if not config.fsdp else None
+    release_freed_memory()  # the yardstick's gradients are as large as the weights
     held_out = _repair_check_windows(tokenizer, job, recon, model)
     result = prune(model, calib, config, progress=progress, held_out=held_out, repair=recon)
+    release_freed_memory()  # the search's buffers: the export's copies come next
     if not _is_main_process():
         return None
     logger.info("search: %d steps in %.1f s; %s", result.steps_run, result.search_seconds, result.structure.summary())
@@ -372,6 +375,8 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         logger.warning(warning)
         metadata["warning"] = warning
     log = "".join(json.dumps(h) + "\n" for h in result.history)
+    if not is_dispatched(model):  # from here on only the dense model's config is read: its weights go, so that the
+        model.to("meta")  # export's reload check fits beside the pruned copy (Gemma 3 270M: the command's peak)
     exported = export(model, result.structure, out, tokenizer=tokenizer, source_dir=source_dir,
                       overwrite=job.overwrite or job.resume, metadata=metadata, pruned=pruned,
                       extra_files={"dms_search_log.jsonl": log})

@@ -187,6 +187,22 @@ def reuse_freed_memory() -> bool:
         return False
 
 
+def release_freed_memory() -> bool:
+    """Give the memory this process has freed back to the system now (glibc's ``malloc_trim``; elsewhere nothing).
+    With :func:`reuse_freed_memory` in force freed memory stays resident, so a phase whose tensors are freed (the
+    plain-step yardstick's full-size gradients, the search's buffers) would otherwise add to every later phase's
+    peak. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 @contextmanager
 def deferred_interrupts():
     """Ctrl-C and SIGTERM that arrive inside wait until it ends, then act as usual: an update and the record of
