@@ -34,7 +34,7 @@ from .gguf_export import GGUFResult, channel_multiple_for, check_gguf_family, ch
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
-from .search import PruneConfig, PruneResult, prune
+from .search import PruneConfig, PruneResult, prune, uniform_state_path
 from .training import is_dispatched, release_freed_memory
 
 logger = logging.getLogger("dms_llm")
@@ -350,7 +350,8 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     metadata = {
         "budget": {"keep": config.keep, "target_params": config.target, "resource": config.resource,
                    "target_resource": result.target_resource, "format": config.format},
-        "search": {"steps_run": result.steps_run, "seconds": round(result.search_seconds, 2),
+        "search": {"steps_run": result.steps_run, "uniform_steps_run": result.uniform_steps_run,
+                   "seconds": round(result.search_seconds, 2),
                    "precision": result.precision,
                    "step_cost": _step_cost(result, reference), "depth_check": result.depth_check,
                    "depth_check_after_repair": 0 if held_out is None else len(held_out),
@@ -381,6 +382,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
                       overwrite=job.overwrite or job.resume, metadata=metadata, pruned=pruned,
                       extra_files={"dms_search_log.jsonl": log})
     Path(config.checkpoint_path).unlink(missing_ok=True)
+    Path(uniform_state_path(config.checkpoint_path)).unlink(missing_ok=True)
     info = load_structure_file(out)
     gguf = _write_gguf(out, job)
     url = _push(out, job) if job.push_to_hub else None

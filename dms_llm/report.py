@@ -31,8 +31,8 @@ def prune_report(run, model: str) -> str:
     cost = (info.get("search") or {}).get("step_cost")
     per_step = f"; a step = {cost['ratio']:.2f}x a plain forward+backward" if cost else ""
     precision = "" if search.precision == "no" else f", {search.precision}"
-    rows.append(("search time", "", f"{search.search_seconds:.1f} s ({search.steps_run} steps{precision}{per_step})",
-                 ""))
+    steps = f"{search.steps_run} steps" + (f" + {search.uniform_steps_run} uniform" if search.uniform_steps_run else "")
+    rows.append(("search time", "", f"{search.search_seconds:.1f} s ({steps}{precision}{per_step})", ""))
     if run.reconstruction:
         rows.append(("reconstruction time", "", f"{run.reconstruction['seconds']:.1f} s", ""))
     rows.append(("total time", "", f"{run.seconds:.1f} s", ""))

@@ -24,7 +24,8 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,6 +158,7 @@ class PruneResult:
     depth_check: list[dict] = field(default_factory=list)  # the candidates scored after the search, chosen marked
     candidates: list[Structure] = field(default_factory=list)  # their structures, in the same order
     precision: str = "no"  # the autocast the search ran under ("no": fp32), `mixed_precision` resolved
+    uniform_steps_run: int = 0  # format "auto": the steps of the uniform search run beside the per-layer one
     # with held-out windows: the winner of the check after the repair, sliced and repaired, and its repair record
     repaired: nn.Module | None = field(default=None, repr=False, compare=False)
     repair: dict | None = field(default=None, repr=False, compare=False)
@@ -273,32 +275,6 @@ def calibration_losses(model: nn.Module, structures: list[Structure], windows: t
     return [t / max(k, 1) for t, k in zip(totals, seen)], seen
 
 
-def uniform_from_ranking(gates: DMSGates, resource: ResourceModel, target: int) -> list[Structure]:
-    """Uniform (stock-format) structures within ``target`` made from a per-layer search's own ranking: for each
-    head-group count a stock config accepts, that many groups in every layer (each layer's most important) and the
-    widest MLP that fits beside them (a multiple of the channel multiple; each layer's most important channels);
-    every layer and block kept. Count choices that cannot fit give no structure."""
-    shape, ops = gates.shape, gates.operators
-    L, step = shape.num_layers, gates.units_per_multiple
-    units = ops["channels"].num_units
-
-    def structure(groups: int, multiples: int) -> Structure:
-        counts = {name: torch.full((op.rows,), op.num_units, dtype=torch.long) for name, op in ops.items()}
-        counts["heads"] = torch.full((L,), groups, dtype=torch.long)
-        counts["channels"] = torch.full((L,), min(multiples * step, units), dtype=torch.long)
-        return gates.hard_structure(counts)
-
-    found = []
-    for groups in shape.valid_uniform_group_counts():
-        lo, hi = 0, -(-units // step)  # the most multiples of `step` channels that fit beside `groups` groups
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if resource.of_structure(structure(groups, mid)) <= target else (lo, mid - 1)
-        if lo:
-            found.append(structure(groups, lo))
-    return found
-
-
 def choose_candidate(scores: list[float], structures: list[Structure],
                      tolerance: float = STOCK_TOLERANCE) -> tuple[int, str]:
     """Which candidate ships, and why: the lowest score (ties: the earlier), unless a uniform (stock-format) one scores
@@ -315,25 +291,20 @@ def choose_candidate(scores: list[float], structures: list[Structure],
 
 
 def check_depth(model: nn.Module, gates: DMSGates, resource: ResourceModel, target: int, windows: torch.Tensor,
-                lm_weight: float = 1.0, teacher: TeacherCache | None = None, with_uniform: bool = False,
+                lm_weight: float = 1.0, teacher: TeacherCache | None = None, uniform: DMSGates | None = None,
                 fractions: tuple[float, ...] = DEPTH_FRACTIONS) -> tuple[Structure, list[dict], list[Structure]]:
-    """The depth check: the structures of :func:`depth_candidates` (and, ``with_uniform``, the best on ``windows`` of
-    :func:`uniform_from_ranking`'s) scored on the search's loss on ``windows``; returns the one
-    :func:`choose_candidate` picks, the record of every candidate (format, blocks removed, resource, loss, chosen) and
-    the candidates' structures."""
+    """The depth check: the structures of :func:`depth_candidates` (and, given ``uniform``, the gates of a uniform
+    search at the same budget, its depth candidates too: ``auto``'s stock-format ones) scored on the search's loss on
+    ``windows``; returns the one :func:`choose_candidate` picks, the record of every candidate (format, blocks
+    removed, resource, loss, chosen) and the candidates' structures."""
     candidates = depth_candidates(gates, resource, target, fractions)
-    uniform = uniform_from_ranking(gates, resource, target) if with_uniform else []
-    if len(candidates) + len(uniform) == 1:
+    if uniform is not None:
+        candidates += depth_candidates(uniform, resource, target, fractions)
+    if len(candidates) == 1:
         return candidates[0][1], [], []
-    everything = [s for _, s in candidates] + uniform
-    labels = ["uniform" if s.is_uniform() else "per-layer" for s in everything]
-    losses, seen = calibration_losses(model, everything, windows, lm_weight, teacher, halving=labels)
-    if uniform:  # the uniform structure of the best head-group count stays a candidate
-        n = len(candidates)
-        u = min(range(len(uniform)), key=lambda i: (-seen[n + i], losses[n + i], i))
-        candidates.append(({name: 0 for name in candidates[0][0]}, uniform[u]))
-        losses, seen = losses[:n] + [losses[n + u]], seen[:n] + [seen[n + u]]
     structures = [s for _, s in candidates]
+    labels = ["uniform" if s.is_uniform() else "per-layer" for s in structures]
+    losses, seen = calibration_losses(model, structures, windows, lm_weight, teacher, halving=labels)
     # only the candidates scored on every window compete (the halving dropped the others on fewer windows)
     full = [i for i, k in enumerate(seen) if k == len(windows)]
     pick, why = choose_candidate([losses[i] for i in full], [structures[i] for i in full])
@@ -399,12 +370,14 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
                 adapters.merge_and_unload() if completed else adapters.unload()
         # the depth check compares against the dense model: not after joint training (its weights changed) or
         # on weights sharded over processes
-        auto = config.format == "auto"
+        auto = config.format == "auto" and not config.joint and not sharded
+        uniform, uniform_steps = (_uniform_search(model, calib, teacher, config, resource, target, run, progress)
+                                  if auto else (None, 0))
         if (config.depth_check or auto) and not config.joint and not sharded:
             with run.accelerator.autocast():  # the search's own loss, at the search's precision
                 structure, checked, candidates = check_depth(
                     model, gates, resource, target, calib[:config.depth_check or DEPTH_WINDOWS],
-                    config.lm_loss_weight, teacher, with_uniform=auto,
+                    config.lm_loss_weight, teacher, uniform=uniform,
                     fractions=DEPTH_FRACTIONS if config.depth_check else ())
         else:
             structure, checked, candidates = fit_to_budget(gates, resource, target), [], []
@@ -414,7 +387,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         structure=structure, dense_resource=dense, target_resource=target,
         pruned_resource=resource.of_structure(structure), search_seconds=seconds,
         steps_run=len(history), history=history, weights_updated=adapters is not None, depth_check=checked,
-        candidates=candidates, precision=precision,
+        candidates=candidates, precision=precision, uniform_steps_run=uniform_steps,
     )
     if held_out is None or len(result.candidates) < 2:
         return result
@@ -506,6 +479,36 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
                    progress=progress)
 
 
+def uniform_state_path(path: str | None) -> str | None:
+    """Where ``auto``'s uniform search keeps its resumable state, beside the per-layer search's ``path``."""
+    return None if path is None else str(Path(path).with_name(Path(path).name + ".uniform"))
+
+
+def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache, config: PruneConfig,
+                    resource: ResourceModel, target: int, run: Trainer, progress: bool) -> tuple[DMSGates, int]:
+    """``auto``'s stock-format candidates: a second search, of uniform widths (every layer the same head groups and
+    MLP width; layers may go) under the same budget, with the same teacher (its cached outputs reused). A uniform
+    structure read off the per-layer search's ranking scored worse once repaired (BENCHMARKS.md: 154.8 vs 140.2 at
+    keep 0.5, the same widths), so the uniform ranking is learned at uniform widths. Returns its gates (hooks
+    removed, operators kept for the depth candidates) and its steps; its state resumes from
+    :func:`uniform_state_path`."""
+    uniform_config = replace(config, format="uniform", checkpoint_path=uniform_state_path(config.checkpoint_path))
+    gates = DMSGates(model, uniform=True, mlp_unit=config.mlp_unit, channel_multiple=config.channel_multiple,
+                     search_depth=config.search_depth, momentum=config.importance_momentum)
+    logger.info("format auto: the uniform (stock-format) search at the same budget")
+    path, name = run.path, run.name
+    run.path = Path(uniform_config.checkpoint_path) if uniform_config.checkpoint_path else None
+    run.name = "search (uniform)"
+    try:
+        history = _search(model, gates, None, calib, teacher, uniform_config, resource, target, run, progress, False)
+    finally:
+        run.path, run.name = path, name
+        gates.begin_step("off")
+        gates.remove()
+    logger.info("uniform search: %d steps; %s", len(history), fit_to_budget(gates, resource, target).summary())
+    return gates, len(history)
+
+
 def _fully_shard(model: nn.Module, device: torch.device) -> None:
     """FSDP2 over the processes of ``accelerate launch``: each decoder layer is one unit, then the root. The
     frozen weights are sharded in place (the model stays sharded after the search: export from a fresh load)."""
@@ -552,4 +555,4 @@ def _key(structure: Structure) -> list:
 
 
 __all__ = ["BudgetError", "PruneConfig", "PruneResult", "calibration_losses", "check_depth", "depth_candidates",
-           "fit_to_budget", "prune"]
+           "fit_to_budget", "prune", "uniform_state_path"]

@@ -216,12 +216,17 @@ def main():
 
 
 def write_markdown(markdown: str, saved: dict):
+    for r in saved["rows"] + saved.get("runs", []):  # rows from before runs were labelled
+        r.setdefault("code", "unlabelled")
+        r.setdefault("torch", "?")
     rows = saved["rows"]
     lines = [START, "", "### Search cost at scale", "",
              "Randomly initialised models of each shape, batch 1, median of the timed steps after one warm-up (fp32 "
-             "on CPU, bf16 with activation checkpointing on a GPU). `code` is the dms-llm measured (`before` = the "
-             "commit before the teacher cache and the chunked loss). Peak memory: the process's peak RSS on CPU "
-             "(model initialisation and imports included), `torch.cuda.max_memory_allocated` on a GPU. Runs:", ""]
+             "weights on CPU, bf16 weights with activation checkpointing on a GPU; the search under its "
+             "default autocast, bf16 where the device multiplies in bf16, for code that has it). `code` is the "
+             "dms-llm measured (`before` = the commit before the teacher cache and the chunked loss). Peak "
+             "memory: the process's peak RSS on CPU (model initialisation and imports included), "
+             "`torch.cuda.max_memory_allocated` on a GPU. Runs:", ""]
     lines += [f"- {r['date']}: `{r['command']}` (code {r['code']}, torch {r['torch']})" for r in saved.get("runs", [])]
     lines += ["", "| device | shape | params | seq | code | plain fwd+bwd s | search s/step (first epoch) | "
                   "search / plain | plain peak GiB | search peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | "
@@ -238,7 +243,8 @@ def write_markdown(markdown: str, saved: dict):
             continue
         plains = [p for p in rows if p["mode"] == "plain" and "error" not in p and
                   (p.get("device"), p["shape"], p["seq_len"]) == (r["device"], r["shape"], r["seq_len"])]
-        plain = next((p for p in plains if p["code"] == r["code"]), plains[0] if plains else None)  # stock either way
+        # stock either way: the same code's, else the latest measured
+        plain = next((p for p in plains if p["code"] == r["code"]), plains[-1] if plains else None)
         first = r.get("first_epoch_seconds_per_step")
         cells = [r["device"], r["shape"], f"{r['params'] / 1e9:.2f}B", r["seq_len"], r["code"],
                  f"{plain['seconds_per_step']:.2f}" if plain else "",

@@ -46,7 +46,7 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     out = tmp_path / "OUT"
     proc = _run("prune", "smollm2-135m", "--keep", "0.8", "--calib", calib_file, "--steps", "5", "--seq-len", "128",
                 "--num-samples", "8", "--out", str(out), "--eval-data", "pydoc-heldout", "--eval-windows", "1",
-                "--eval-seq-len", "256", "--quiet", *SHORT_REPAIR_CHECK)
+                "--eval-seq-len", "256", "--quiet", "--format", "per-layer", *SHORT_REPAIR_CHECK)
     assert "| parameters" in proc.stdout and "| perplexity" in proc.stdout and "search time" in proc.stdout
     model = _generate(out, trust_remote_code=True)
     assert count_parameters(model) <= 0.81 * 134_515_008

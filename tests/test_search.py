@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,26 +60,37 @@ def test_search_is_reproducible_with_a_seed(gqa_model, calib):
     assert a.structure == b.structure
 
 
-def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkeypatch):
+@pytest.mark.parametrize("search", ["per-layer", "uniform"])  # auto's two searches, each resumable
+def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkeypatch, search):
     import dms_llm.training as training_mod
+    from dms_llm.search import uniform_state_path
 
     base = dict(keep=0.6, steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=4)
     full = prune(gqa_model, calib, PruneConfig(**base), progress=False)
     ckpt = tmp_path / "state.pt"
     real_batch = training_mod.batch_rows
+    seen = {"n": 0}
 
     def interrupt_at_step_7(n, step, batch_size, seed):
         if step == 6:
-            raise KeyboardInterrupt
+            seen["n"] += 1
+            if seen["n"] == (1 if search == "per-layer" else 2):
+                raise KeyboardInterrupt
         return real_batch(n, step, batch_size, seed)
 
     monkeypatch.setattr(training_mod, "batch_rows", interrupt_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
-    assert torch.load(ckpt, weights_only=False)["step"] == 6
+    uniform_ckpt = Path(uniform_state_path(str(ckpt)))
+    if search == "per-layer":
+        assert torch.load(ckpt, weights_only=False)["step"] == 6 and not uniform_ckpt.exists()
+    else:
+        assert torch.load(ckpt, weights_only=False)["step"] == 10
+        assert torch.load(uniform_ckpt, weights_only=False)["step"] == 6
     monkeypatch.setattr(training_mod, "batch_rows", real_batch)
     resumed = prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt), resume=True), progress=False)
     assert resumed.steps_run == 10 and _log(resumed.history) == _log(full.history)
+    assert resumed.uniform_steps_run == 10 and resumed.candidates == full.candidates
     assert resumed.structure == full.structure
 
 
@@ -243,34 +256,19 @@ def test_depth_check_is_validated():
         PruneConfig(keep=0.5, depth_check=-1)
 
 
-def test_auto_also_scores_a_uniform_structure_built_from_the_per_layer_ranking(gqa_model, calib):
-    from dms_llm.gates import DMSGates
-    from dms_llm.search import uniform_from_ranking
-
-    result = prune(gqa_model, calib, PruneConfig(keep=0.6, steps=6, warmup_steps=1, batch_size=2), progress=False)
+def test_auto_scores_the_candidates_of_a_uniform_search_beside_the_per_layer_ones(gqa_model, calib):
+    """``auto`` runs a uniform search at the same budget after the per-layer one; its searched structure is the one
+    a uniform search alone finds, and it competes in the depth check."""
+    cfg = dict(keep=0.6, steps=6, warmup_steps=1, batch_size=2)
+    result = prune(gqa_model, calib, PruneConfig(**cfg), progress=False)
     formats = [c["format"] for c in result.depth_check]
-    assert formats.count("uniform") == 1 and formats[0] == "per-layer"  # the searched structure comes first
-    uniform = result.candidates[formats.index("uniform")]
-    assert uniform.is_uniform() and all(x.kv_heads and x.channels for x in uniform.layers)
+    assert formats[0] == "per-layer" and "uniform" in formats and result.uniform_steps_run == 6
+    assert formats == sorted(formats)  # the per-layer search's candidates, then the uniform search's
+    alone = prune(gqa_model, calib, PruneConfig(**cfg, format="uniform", depth_check=0), progress=False)
+    assert result.candidates[formats.index("uniform")] == alone.structure
+    assert all(s.is_uniform() for s, f in zip(result.candidates, formats) if f == "uniform")
     assert sum(c["chosen"] for c in result.depth_check) == 1 and result.met_budget
-    # each layer keeps its own most important units, as many as the stock config's counts allow within the budget
-    gates = DMSGates(gqa_model, channel_multiple=8)
-    shape = ModelShape.from_model(gqa_model)
-    resource = ResourceModel(shape)
-    target = PruneConfig(keep=0.6).resolve_target(resource)
-    with torch.no_grad():
-        gates.operators["channels"].importance.copy_(torch.arange(96.0).flip(0).repeat(4, 1))  # low indices first
-    built = uniform_from_ranking(gates, resource, target)
-    gates.remove()
-    assert [len(s.layers[0].kv_heads) for s in built] == shape.valid_uniform_group_counts()
-    for s in built:
-        width = len(s.layers[0].channels)
-        assert resource.of_structure(s) <= target and width % 8 == 0
-        assert all(x.channels == list(range(width)) for x in s.layers)
-        wider = Structure.dense(shape)  # 8 more channels would not fit
-        for x, y in zip(wider.layers, s.layers):
-            x.kv_heads, x.channels = y.kv_heads, list(range(width + 8))
-        assert width + 8 > 96 or resource.of_structure(wider) > target
+    assert alone.uniform_steps_run == 0
 
 
 def test_the_stock_format_wins_within_the_tolerance():
