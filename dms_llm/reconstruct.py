@@ -320,10 +320,16 @@ def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: to
     return index, losses, pruned, repair, why
 
 
-def after_repair_candidates(checked: list[dict]) -> list[int]:
+REPAIR_MARGIN = 0.1  # an end of the depth range whose pre-repair loss is this much (relative) above the favourite's
+
+
+def after_repair_candidates(checked: list[dict], margin: float = REPAIR_MARGIN) -> list[int]:
     """Which of the depth check's candidates (its records) the check after the repair repairs and scores: of each
-    format, the searched structure, the one the pre-repair loss prefers and the one that removes no block. The
-    pre-repair loss ranks repaired candidates poorly (docs/DESIGN.md §3), so the two ends of the depth range stay."""
+    format, the one the pre-repair loss prefers, and the searched structure and the one that removes no block unless
+    their pre-repair loss is more than ``margin`` above the favourite's. The pre-repair loss ranks close candidates
+    poorly once repaired (docs/DESIGN.md §3: at keep 0.5 the repaired order turned over among candidates within 5%
+    of each other), so the two ends of the depth range stay; one far behind (a short trial's searched structure:
+    25% above) is not worth its repair."""
     picks: set[int] = set()
     for fmt in ("per-layer", "uniform"):
         mine = [i for i, c in enumerate(checked) if c["format"] == fmt]
@@ -331,7 +337,8 @@ def after_repair_candidates(checked: list[dict]) -> list[int]:
             # the halving's finalists (scored on the most windows) first
             favourite = min(mine, key=lambda i: (-checked[i].get("windows", 0), checked[i]["loss"], i))
             none_removed = [i for i in mine if not any(checked[i]["removed"].values())]
-            picks |= {mine[0], favourite, *none_removed[:1]}
+            bound = (1 + margin) * checked[favourite]["loss"]
+            picks |= {favourite} | {i for i in (mine[0], *none_removed[:1]) if checked[i]["loss"] <= bound}
     return sorted(picks)
 
 

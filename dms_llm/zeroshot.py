@@ -20,6 +20,7 @@ answer the model gave in lm-eval's request cache as it goes, so an interrupted r
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gzip
 import json
@@ -192,6 +193,7 @@ def task_manager(include_path: str | Path | None = None, data_dir: str | Path | 
     from lm_eval.tasks import TaskManager
 
     tmp = Path(tempfile.mkdtemp(prefix="dms-llm-tasks-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # lm-eval reads the YAML files until the run ends
     _resolved_task_dir(BUILTIN_TASKS, tmp / "builtin")
     if include_path is not None:
         src = Path(include_path)

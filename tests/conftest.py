@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 torch.set_num_threads(2)
 # converted GGUF models go to a cache of this test session (inherited by subprocesses), not the user's
-os.environ.setdefault("DMS_LLM_CACHE", tempfile.mkdtemp(prefix="dms-llm-test-cache-"))
+if "DMS_LLM_CACHE" not in os.environ:
+    os.environ["DMS_LLM_CACHE"] = tempfile.mkdtemp(prefix="dms-llm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DMS_LLM_CACHE"], ignore_errors=True)
 
 
 def tiny_llama(num_kv_heads=2, num_heads=4, layers=4, tie=True, hidden=64, intermediate=96, bias=False, seed=0):

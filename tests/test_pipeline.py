@@ -229,14 +229,19 @@ def test_after_repair_candidates_keep_both_ends_of_the_depth_range_and_the_favou
     def c(fmt, removed, loss):
         return {"format": fmt, "removed": {"attn_depth": removed, "mlp_depth": 0}, "loss": loss}
 
-    checked = [c("per-layer", 8, 2.0), c("per-layer", 6, 1.5), c("per-layer", 4, 1.9), c("per-layer", 2, 1.8),
-               c("per-layer", 0, 2.1), c("uniform", 0, 3.0)]
+    checked = [c("per-layer", 8, 1.6), c("per-layer", 6, 1.5), c("per-layer", 4, 1.55), c("per-layer", 2, 1.8),
+               c("per-layer", 0, 1.62), c("uniform", 0, 3.0)]
     assert after_repair_candidates(checked) == [0, 1, 4, 5]
     assert after_repair_candidates(checked[:1] + checked[5:]) == [0, 1]
     # successive halving: a low loss on fewer windows is not the favourite; the best finalist is
     halved = [dict(x, windows=16) for x in checked]
     halved[1]["windows"], halved[3]["windows"] = 4, 8
     assert after_repair_candidates(halved) == [0, 2, 4, 5]
+    # an end of the range far behind the favourite (more than 10% above its loss) is not repaired
+    far = [c("per-layer", 8, 2.0), c("per-layer", 3, 1.5), c("per-layer", 0, 1.64), c("uniform", 2, 1.0),
+           c("uniform", 0, 1.2)]
+    assert after_repair_candidates(far) == [1, 2, 3]
+    assert after_repair_candidates(far, margin=0.5) == [0, 1, 2, 3, 4]
 
 
 def test_recorded_command_keeps_settings_turned_off(dense_folder, text_file, tmp_path):

@@ -24,7 +24,8 @@ def _logits(model, ids):
 @pytest.mark.parametrize("uniform", [False, True])
 def test_search_meets_budget_and_leaves_model_unchanged(gqa_model, calib, uniform):
     before = _logits(gqa_model, calib[:1])
-    cfg = PruneConfig(keep=0.7, steps=12, warmup_steps=2, batch_size=2, uniform=uniform, mlp_unit=8, patience=3)
+    cfg = PruneConfig(keep=0.7, steps=12, warmup_steps=2, batch_size=2, format="uniform" if uniform else "per-layer",
+                      mlp_unit=8, patience=3)
     result = prune(gqa_model, calib, cfg, progress=False)
     shape = ModelShape.from_model(gqa_model)
     res = ResourceModel(shape)
@@ -65,7 +66,8 @@ def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkey
     import dms_llm.training as training_mod
     from dms_llm.search import uniform_state_path
 
-    base = dict(keep=0.6, steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100, checkpoint_every=4)
+    base = dict(keep=0.6, steps=10, uniform_steps=10, warmup_steps=1, batch_size=2, seed=1, patience=100,
+                checkpoint_every=4)
     full = prune(gqa_model, calib, PruneConfig(**base), progress=False)
     ckpt = tmp_path / "state.pt"
     real_batch = training_mod.batch_rows
@@ -262,8 +264,9 @@ def test_auto_scores_the_candidates_of_a_uniform_search_beside_the_per_layer_one
     cfg = dict(keep=0.6, steps=6, warmup_steps=1, batch_size=2)
     result = prune(gqa_model, calib, PruneConfig(**cfg), progress=False)
     formats = [c["format"] for c in result.depth_check]
-    assert formats[0] == "per-layer" and "uniform" in formats and result.uniform_steps_run == 6
+    assert formats[0] == "per-layer" and "uniform" in formats and result.uniform_steps_run == 3  # half the steps
     assert formats == sorted(formats)  # the per-layer search's candidates, then the uniform search's
+    cfg["steps"] = 3
     alone = prune(gqa_model, calib, PruneConfig(**cfg, format="uniform", depth_check=0), progress=False)
     assert result.candidates[formats.index("uniform")] == alone.structure
     assert all(s.is_uniform() for s, f in zip(result.candidates, formats) if f == "uniform")
