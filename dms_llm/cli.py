@@ -79,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows")
     p.add_argument("--format", default="auto", choices=["auto", "per-layer", "uniform"],
                    help="per-layer: each layer its own widths (custom model code); uniform: equal widths and "
-                        "whole-layer removal, a stock checkpoint; auto: searches per layer, also builds the uniform "
-                        "structure at the same budget, and ships the stock format unless per-layer scores more than "
-                        "1%% better on held-out calibration windows after the repair")
+                        "whole-layer removal, a stock checkpoint; auto: searches per layer, then uniformly at the "
+                        "same budget, and ships the stock format unless per-layer scores more than 1%% better on "
+                        "held-out calibration windows after the repair")
+    p.add_argument("--uniform-steps", type=int, default=None,
+                   help="with --format auto: steps of the uniform search (default: half of --steps)")
     p.add_argument("--uniform", action="store_true", help="the same as --format uniform")
     p.add_argument("--no-search-depth", dest="search_depth", action="store_false",
                    help="keep every layer (--uniform) or block (per-layer): search the widths only")

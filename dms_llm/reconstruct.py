@@ -286,12 +286,13 @@ def kl_to_dense(pruned: nn.Module, dense: nn.Module, windows: torch.Tensor, batc
 
 
 def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: torch.Tensor, held_out: torch.Tensor,
-                        config: ReconstructConfig | None = None,
-                        tolerance: float | None = None) -> tuple[int, list[float], nn.Module, dict, str]:
+                        config: ReconstructConfig | None = None, tolerance: float | None = None,
+                        precision: str = "no") -> tuple[int, list[float], nn.Module, dict, str]:
     """The choice among candidate structures made after the repair (docs/DESIGN.md §3): every candidate is sliced out
     of ``dense``, repaired by :func:`reconstruct` on ``calib`` and scored by its KL to the dense model on ``held_out``,
     windows that neither the search nor the repair read; :func:`dms_llm.search.choose_candidate` picks (the lowest KL,
-    ties to the earlier candidate, unless a uniform one is within ``tolerance`` of it: the stock format). Returns
+    ties to the earlier candidate, unless a uniform one is within ``tolerance`` of it: the stock format). The scoring
+    runs under ``precision``'s autocast ("bf16" or "no"; the repair itself stays fp32). Returns
     (the chosen index, every candidate's KL, the chosen repaired model, its repair record, why it was chosen)."""
     from .exporter import build_pruned_model
     from .search import STOCK_TOLERANCE, choose_candidate
@@ -305,7 +306,8 @@ def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: to
     for i, structure in enumerate(candidates):
         pruned = build_pruned_model(dense, structure)
         repair = reconstruct(pruned, dense, structure, calib, config, progress=False, reference=checked)
-        losses.append(kl_to_dense(pruned, dense, held_out, batch_size=1, reference=scored))  # long windows: one by one
+        with _autocast(dense, precision):  # long windows: one by one
+            losses.append(kl_to_dense(pruned, dense, held_out, batch_size=1, reference=scored))
         logger.info("check after the repair: candidate %d of %d (%s) -> KL %.4f on %d held-out windows", i + 1,
                     len(candidates), "uniform" if structure.is_uniform() else "per-layer", losses[-1], len(held_out))
         uniform = structure.is_uniform()
@@ -318,6 +320,12 @@ def choose_after_repair(dense: nn.Module, candidates: list[Structure], calib: to
     with torch.no_grad():
         _restore(pruned, projections)
     return index, losses, pruned, repair, why
+
+
+def _autocast(model: nn.Module, precision: str):
+    """bf16 autocast on ``model``'s device for ``precision`` "bf16", else nothing."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 REPAIR_MARGIN = 0.1  # an end of the depth range whose pre-repair loss is this much (relative) above the favourite's
@@ -350,7 +358,7 @@ def choose_after_repair_of(model: nn.Module, result, calib: torch.Tensor, held_o
     repaired KL and why the winner won in its record, and the winner repaired (``repaired``, ``repair``)."""
     picks = after_repair_candidates(result.depth_check)
     index, losses, pruned, repair, why = choose_after_repair(model, [result.candidates[i] for i in picks], calib,
-                                                             held_out, config)
+                                                             held_out, config, precision=result.precision)
     kl = dict(zip(picks, losses))
     checked = [{k: v for k, v in c.items() if k != "reason"} | {"kl_repaired": round(kl[i], 5) if i in kl else None,
                                                                  "chosen": i == picks[index]}

@@ -83,8 +83,10 @@ class Methods:
     leaves it (FLAP with its bias compensation) or, for a name ending in ``+recon``, after dms-llm's reconstruction."""
 
     def __init__(self, model, calib, calib_name: str, steps: int = 200, recon_samples: int = 32,
-                 cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None):
+                 cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None,
+                 uniform_steps: int | None = None):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
+        self.uniform_steps = uniform_steps  # dms_auto's uniform search (None: the library's default, half the steps)
         self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
         # held-out calibration windows: the DMS searches' depth check then chooses after the repair, as
         # `dms-llm prune` does (docs/DESIGN.md §3)
@@ -125,7 +127,8 @@ class Methods:
             self._stats = baselines.activation_stats(model, calib)
         if method.startswith("dms"):
             config = dms_llm.PruneConfig(keep=keep, steps=self.steps, format=DMS_FORMATS[method],
-                                         channel_multiple=self.channel_multiple, seed=seed)
+                                         channel_multiple=self.channel_multiple, seed=seed,
+                                         uniform_steps=self.uniform_steps)
             structure = self.choose(dms_llm.prune(model, calib, config, progress=False))
         elif method == "flap":
             structure = baselines.flap(model, self._stats, target)
@@ -161,6 +164,8 @@ class Methods:
 
     def _cache_path(self, method: str, keep: float, seed: int = 0) -> Path | None:
         key = self.key + (self.dms_key + (f"-seed{seed}" if seed else "") if method.startswith("dms") else "")
+        if method == "dms_auto":  # the uniform search's steps
+            key += f"-u{self.uniform_steps or max(1, self.steps // 2)}"
         return self.cache_dir / f"{method}-keep{keep}-{key}.json" if self.cache_dir else None
 
     def remember(self, method: str, keep: float, structure, seconds: float, seed: int = 0):

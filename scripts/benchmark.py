@@ -64,6 +64,8 @@ parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(
 parser.add_argument("--windows", type=int, default=None,
                     help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200, help="DMS search steps")
+parser.add_argument("--uniform-steps", type=int, default=None,
+                    help="dms_auto: steps of its uniform search (default: the library's, half of --steps)")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="DMS search seeds (each DMS row once per seed)")
 parser.add_argument("--repair-check", type=int, default=4,
                     help="held-out calibration windows on which the DMS depth check chooses after the repair, as "
@@ -91,7 +93,8 @@ model, tokenizer, _ = dms_llm.load_model(args.model, device=device)
 calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num_samples, args.repair_check)
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
-methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir, held_out=held_out)
+methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir, held_out=held_out,
+                  uniform_steps=args.uniform_steps)
 
 
 protocol = {"model": args.model, "calib": Path(args.calib).name, "eval_data": Path(args.eval_data).name,
@@ -228,6 +231,11 @@ for keep in args.keeps:
         lines += ["", f"keep {keep}: best DMS row ({best['method']}, {best['ppl_median']:.2f}) / best peer row "
                       f"({best_peer['method']}, {best_peer['ppl_median']:.2f}) = **{ratio:.2f}x**; "
                       f"dense {dense_row['ppl_wikitext2']:.2f}."]
+    formats = {r["method"]: r["ppl_median"] for r in ours if r["method"].endswith("+recon")}
+    if {"dms_auto+recon", "dms_per_layer+recon", "dms_uniform+recon"} <= set(formats):
+        better = min(formats["dms_per_layer+recon"], formats["dms_uniform+recon"])
+        lines += ["", f"keep {keep}: `auto` + repair {formats['dms_auto+recon']:.2f} / the better of per-layer and "
+                      f"uniform + repair ({better:.2f}) = **{formats['dms_auto+recon'] / better:.3f}x**."]
 if external:
     lines += ["", f"torch_pruning rows: `bash scripts/run_torch_pruning.sh` in its own environment "
                   f"({external[0]['environment']}; Torch-Pruning's dependency graph never finishes on transformers "

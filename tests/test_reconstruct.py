@@ -200,6 +200,18 @@ def test_the_choice_after_the_repair_keeps_the_candidate_closest_to_the_dense_mo
         choose_after_repair(gqa_model, [], calib, held_out)
 
 
+def test_the_check_after_the_repair_scores_under_bf16_close_to_fp32(gqa_model, windows):
+    """At the search's bf16 precision the repaired candidates' KLs stay close to fp32's (the repair stays fp32)."""
+    shape = ModelShape.from_model(gqa_model)
+    candidates = [per_layer_structure(gqa_model), Structure.dense(shape)]
+    calib, held_out = windows[:12], windows[12:]
+    settings = ReconstructConfig(samples=8, check_windows=0)
+    fp32 = choose_after_repair(gqa_model, candidates, calib, held_out, settings)
+    bf16 = choose_after_repair(gqa_model, candidates, calib, held_out, settings, precision="bf16")
+    assert bf16[0] == fp32[0] and bf16[1] != fp32[1]  # the same choice; the scores were taken in bf16
+    assert bf16[1][0] == pytest.approx(fp32[1][0], rel=0.05) and bf16[1][1] < 1e-2
+
+
 def test_repaired_export_reloads_with_the_same_logits(gqa_model, windows, tmp_path):
     structure = per_layer_structure(gqa_model)
     pruned = build_pruned_model(gqa_model, structure)
