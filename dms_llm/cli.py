@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "same budget, and ships the stock format unless per-layer scores more than 1%% better on "
                         "held-out calibration windows after the repair")
     p.add_argument("--uniform-steps", type=int, default=None,
-                   help="with --format auto: steps of the uniform search (default: half of --steps)")
+                   help="with --format auto: steps of the uniform search (default: as many as --steps)")
     p.add_argument("--uniform", action="store_true", help="the same as --format uniform")
     p.add_argument("--no-search-depth", dest="search_depth", action="store_false",
                    help="keep every layer (--uniform) or block (per-layer): search the widths only")

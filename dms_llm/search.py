@@ -77,7 +77,7 @@ class PruneConfig(TrainingConfig):
     mlp_unit: int = 1  # MLP channels ranked together; 1 = each on its own (groups of 8 cost ~15% perplexity)
     channel_multiple: int = 8  # kept MLP widths are multiples of this (kernel-friendly shapes)
     steps: int = 200
-    uniform_steps: int | None = None  # format "auto": the uniform search's steps (None: half of `steps`)
+    uniform_steps: int | None = None  # format "auto": the uniform search's steps (None: as many as `steps`)
     warmup_steps: int = 4
     batch_size: int = 1
     lr: float = 0.1
@@ -113,7 +113,8 @@ class PruneConfig(TrainingConfig):
         if self.steps < 1:
             raise DMSError(f"`steps` must be at least 1, got {self.steps}")
         if self.uniform_steps is not None and self.uniform_steps < 1:
-            raise DMSError(f"`uniform_steps` must be at least 1 (or None: half of `steps`), got {self.uniform_steps}")
+            raise DMSError(f"`uniform_steps` must be at least 1 (or None: as many as `steps`), got "
+                           f"{self.uniform_steps}")
         if self.batch_size < 1:
             raise DMSError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.mlp_unit < 1:
@@ -493,22 +494,21 @@ def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache
     MLP width; layers may go) under the same budget, with the same teacher (its cached outputs reused). A uniform
     structure read off the per-layer search's ranking scored worse once repaired (BENCHMARKS.md: 154.8 vs 140.2 at
     keep 0.5, the same widths), so the uniform ranking is learned at uniform widths, for ``uniform_steps`` (by
-    default half the per-layer search's: it learns two widths and a gate per layer, not widths per layer). Returns
+    default as many as the per-layer search's: with half as many, auto scored 146.06 against uniform's 140.17 at
+    keep 0.5, BENCHMARKS.md). Returns
     its gates (hooks removed, operators kept for the depth candidates) and its steps; its state resumes from
     :func:`uniform_state_path`."""
-    steps = config.uniform_steps or max(1, config.steps // 2)
+    steps = config.uniform_steps or config.steps
     uniform_config = replace(config, format="uniform", steps=steps,
                              checkpoint_path=uniform_state_path(config.checkpoint_path))
     gates = DMSGates(model, uniform=True, mlp_unit=config.mlp_unit, channel_multiple=config.channel_multiple,
                      search_depth=config.search_depth, momentum=config.importance_momentum)
     logger.info("format auto: the uniform (stock-format) search at the same budget")
-    path, name = run.path, run.name
-    run.path = Path(uniform_config.checkpoint_path) if uniform_config.checkpoint_path else None
-    run.name = "search (uniform)"
     try:
-        history = _search(model, gates, None, calib, teacher, uniform_config, resource, target, run, progress, False)
+        with run.stage("search (uniform)", uniform_config.checkpoint_path):
+            history = _search(model, gates, None, calib, teacher, uniform_config, resource, target, run, progress,
+                              False)
     finally:
-        run.path, run.name = path, name
         gates.begin_step("off")
         gates.remove()
     logger.info("uniform search: %d steps; %s", len(history), fit_to_budget(gates, resource, target).summary())

@@ -353,6 +353,17 @@ class Trainer:
         if self.path is not None and self.is_main:
             save_atomically(self.path, state)
 
+    @contextmanager
+    def stage(self, name: str, checkpoint_path: str | None):
+        """A second loop in the same run (its accelerator, device and precision) under its own ``name`` in the logs
+        and its own resumable state at ``checkpoint_path``."""
+        saved = self.name, self.path, self._beat
+        self.name, self.path, self._beat = name, Path(checkpoint_path) if checkpoint_path else None, None
+        try:
+            yield self
+        finally:
+            self.name, self.path, self._beat = saved
+
     # -- the loop ------------------------------------------------------------------------------------------
     def run(
         self,

@@ -86,7 +86,7 @@ class Methods:
                  cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None,
                  uniform_steps: int | None = None):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
-        self.uniform_steps = uniform_steps  # dms_auto's uniform search (None: the library's default, half the steps)
+        self.uniform_steps = uniform_steps  # dms_auto's uniform search (None: the library's default, = steps)
         self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
         # held-out calibration windows: the DMS searches' depth check then chooses after the repair, as
         # `dms-llm prune` does (docs/DESIGN.md §3)
@@ -165,7 +165,7 @@ class Methods:
     def _cache_path(self, method: str, keep: float, seed: int = 0) -> Path | None:
         key = self.key + (self.dms_key + (f"-seed{seed}" if seed else "") if method.startswith("dms") else "")
         if method == "dms_auto":  # the uniform search's steps
-            key += f"-u{self.uniform_steps or max(1, self.steps // 2)}"
+            key += f"-u{self.uniform_steps or self.steps}"
         return self.cache_dir / f"{method}-keep{keep}-{key}.json" if self.cache_dir else None
 
     def remember(self, method: str, keep: float, structure, seconds: float, seed: int = 0):
