@@ -100,7 +100,6 @@ class ReconstructConfig:
     bias: bool = True
     absorb_removed: bool = True
     check_windows: int = 4
-    mixed_precision: str = "auto"  # of the dense blocks' forward passes ("auto": bf16 where the device has it natively)
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -112,8 +111,6 @@ class ReconstructConfig:
             raise DMSError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.check_windows < 0:
             raise DMSError(f"`check_windows` must be 0 (no check) or more, got {self.check_windows}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise DMSError(f"`mixed_precision` must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
 
 
 class _Normal:
@@ -399,17 +396,10 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
     """The layer-by-layer refit (module docstring); returns the per-block report."""
     from tqdm.auto import tqdm
 
-    from .training import resolve_precision
-
     shape = ModelShape.from_model(dense)
     was_training = dense.training
     dense.eval()
     run = LayerRunner(dense, windows, config.batch_size)
-    device = run.device.type
-    # the dense blocks' passes (most of the work) at the device's fast precision; the stream, the features and the
-    # sums stay fp32
-    bf16 = resolve_precision(config.mixed_precision, device) == "bf16"
-    fast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     stream = run.embed()  # the pruned model's residual stream (its embeddings are the dense ones)
     pruned_layer = dict(zip(structure.kept_layers(), decoder_layers(pruned)))
     report, pending, absorbed = [], None, []  # pending: what the removed blocks since the last kept one would add
@@ -422,8 +412,7 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
             if module is None:  # removed: the pruned stream passes unchanged; the next kept block takes it over
                 if config.absorb_removed and not run.sandwich:  # (not through a norm: Gemma 3)
                     virtual = stream if pending is None else [h + p for h, p in zip(stream, pending)]
-                    with fast:
-                        outputs = [getattr(run, block)(layer, h) for h in virtual]
+                    outputs = [getattr(run, block)(layer, h) for h in virtual]
                     pending = outputs if pending is None else [p + o for p, o in zip(pending, outputs)]
                     absorbed.append(f"{i}.{block}")
                 continue
@@ -431,14 +420,10 @@ def _repair(pruned: nn.Module, dense: nn.Module, structure: Structure, windows: 
             kept = _kept_columns(structure, i, block, shape).to(stream[0].device)
             sums, features = _Normal(len(kept), dense_proj.out_features, stream[0].device), []
             for b, h in enumerate(stream):
-                with fast:
-                    z, y = run_seeing_input(dense_proj, lambda: getattr(run, block)(layer, h))
-                if run.sandwich or bf16:
-                    # the target from the features themselves, at the model's precision (so that a block with
-                    # nothing removed refits to its own weights); with sandwich norms the projection's own output,
-                    # before the block's output norm
-                    y = dense_proj(z.to(dense_proj.weight.dtype)).float()
-                x = z[..., kept].float()
+                z, y = run_seeing_input(dense_proj, lambda: getattr(run, block)(layer, h))
+                if run.sandwich:  # the target is the projection's own output, before the block's output norm
+                    y = dense_proj(z).float()
+                x = z[..., kept]
                 sums.add(x, y if pending is None else y + pending[b])
                 features.append(x)
             proj = module.o_proj if block == "attention" else module.down_proj
