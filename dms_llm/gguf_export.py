@@ -58,6 +58,10 @@ QUANT_PPL_BOUND = {"q8_0": 1.05, "q6_k": 1.1, "q5_k_m": 1.15, "q5_k_s": 1.15, "q
                    "q3_k_s": 2.5, "q2_k": 4.0}
 LOGIT_TOLERANCE = {"f32": 3e-3, "f16": 1e-1, "bf16": 4e-1}  # max abs logit diff, x max|logit| / 10 above 10
 GGUF_FAMILIES = ("llama", "dms_llama", "mistral", "qwen2")  # what llama.cpp's llama / deci architectures compute
+# uniform exports of these families are written as llama.cpp's own architecture of that name (gguf-py's tensor
+# names, q/k rows as Hugging Face keeps them: these architectures rotate halves); their per-layer exports are not:
+# llama.cpp sizes every layer of them from layer 0's head count and width, and deci has no q/k norms
+OWN_ARCHITECTURES = {"qwen3": "qwen3", "gemma3_text": "gemma3"}
 
 CHECK_TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1969, 3 astronauts flew 384,400 km; 12.5% of 2048 is 256.\n"
@@ -133,12 +137,42 @@ def check_gguf_family(config: dict, what: str) -> None:
     """DMSError unless llama.cpp's llama / deci architectures compute the model of ``config`` (a config.json dict)."""
     model_type = config.get("model_type")
     family = config.get("source_model_type", model_type)
+    if model_type in OWN_ARCHITECTURES:
+        if model_type == "gemma3_text":
+            _check_gemma3(config, what)
+        return
     if model_type not in GGUF_FAMILIES or family not in GGUF_FAMILIES or config.get("qk_norm"):
         missing = {"qwen3": "per-head q/k norms",
                    "gemma3_text": "Gemma 3's norms after each block, scaled embeddings and per-head q/k norms"}
-        raise DMSError(f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral and Qwen2 "
-                       f"exports (per-layer or uniform) — llama.cpp's deci / llama architectures have no place for "
-                       f"{missing.get(family, 'per-head q/k norms' if config.get('qk_norm') else 'this family')}")
+        own = (f"; a uniform export (`--format uniform`) of it is written as llama.cpp's own "
+               f"{OWN_ARCHITECTURES[family]!r} architecture, whose layers all take layer 0's head count and width"
+               if family in OWN_ARCHITECTURES else "")
+        raise DMSError(f"{what} is a per-layer {family!r} model; dms-llm writes per-layer GGUF files of Llama, Mistral "
+                       f"and Qwen2 exports (llama.cpp's deci architecture), which has no place for "
+                       f"{missing.get(family, 'per-head q/k norms' if config.get('qk_norm') else 'this family')}{own}"
+                       if model_type == "dms_llama" else
+                       f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral, Qwen2, Qwen3 and "
+                       f"Gemma 3 text models")
+
+
+def _check_gemma3(config: dict, what: str) -> None:
+    """DMSError where llama.cpp's gemma3 computes something else than this Gemma 3 config: it scales queries by
+    1 / sqrt(head size), has no final soft-cap and puts a global layer after every five sliding ones."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    n = config["num_hidden_layers"]
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    problems = []
+    if config.get("query_pre_attn_scalar") not in (None, head_dim):
+        problems.append(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} (llama.cpp scales by the head "
+                        f"size, {head_dim})")
+    if config.get("final_logit_softcapping"):
+        problems.append("a final logit soft-cap")
+    if config.get("attn_logit_softcapping"):
+        problems.append("an attention logit soft-cap")
+    if config.get("layer_types") not in (None, pattern):
+        problems.append("layer types other than five sliding layers, then a global one")
+    if problems:
+        raise DMSError(f"{what}: llama.cpp's gemma3 architecture has no place for {'; '.join(problems)}")
 
 
 class _Tensor:
@@ -185,7 +219,8 @@ def _layout(config: dict) -> _Layout:
     n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     group = n_heads // n_kv
     if config["model_type"] != "dms_llama":
-        return _Layout("llama", [n_heads] * n, [n_kv] * n, [config["intermediate_size"]] * n, set(), set())
+        return _Layout(OWN_ARCHITECTURES.get(config["model_type"], "llama"), [n_heads] * n, [n_kv] * n,
+                       [config["intermediate_size"]] * n, set(), set())
     kv = list(config["layer_num_key_value_heads"])
     ffn = list(config["layer_intermediate_sizes"])
     zero_attention = {0} if kv[0] == 0 else set()
@@ -199,6 +234,8 @@ def context_length(config: dict) -> int:
     """The context the GGUF declares: the model's, or its sliding window when it has one (llama.cpp's llama / deci
     attend to the whole context, which is the model's own computation up to the window's length)."""
     context = config.get("max_position_embeddings", 2048)
+    if config.get("model_type") == "gemma3_text":  # llama.cpp's gemma3 has the sliding windows itself
+        return context
     windows = [config.get("sliding_window")]
     if isinstance(config.get("layer_types"), list) and "sliding_attention" not in config["layer_types"]:
         windows = []  # Qwen2 / Qwen3 with use_sliding_window off: every layer attends fully
@@ -238,6 +275,8 @@ NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm
 
 def _gguf_tensors(config: dict, layout: _Layout, tensors: dict[str, _Tensor]) -> list[tuple[str, _Tensor]]:
     """(GGUF name, tensor) in file order; q/k permuted, zero blocks filled in."""
+    if layout.arch in OWN_ARCHITECTURES.values():
+        return _own_tensors(config, layout, tensors)
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     tied = "lm_head.weight" not in tensors or config.get("tie_word_embeddings", False)
@@ -278,6 +317,27 @@ def _gguf_tensors(config: dict, layout: _Layout, tensors: dict[str, _Tensor]) ->
     return out
 
 
+def _own_tensors(config: dict, layout: _Layout, tensors: dict[str, _Tensor]) -> list[tuple[str, _Tensor]]:
+    """(GGUF name, tensor) for llama.cpp's own architecture ``layout.arch`` (qwen3, gemma3), named as gguf-py names
+    them; Gemma's norms, which scale by 1 + weight, stored as 1 + weight (llama.cpp scales by the weight)."""
+    import gguf
+
+    arch = next(a for a in gguf.MODEL_ARCH if gguf.MODEL_ARCH_NAMES[a] == layout.arch)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    tied = "lm_head.weight" not in tensors or config.get("tie_word_embeddings", False)
+    out = []
+    for key, tensor in tensors.items():
+        if key == "lm_head.weight" and tied:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GGUFExportError(f"tensor {key} has no counterpart in llama.cpp's {layout.arch} architecture")
+        if layout.arch == "gemma3" and key.endswith("norm.weight"):
+            tensor = tensor.map(lambda w: w + 1)
+        out.append((name, tensor))
+    return out  # (llama.cpp finds tensors by name: the order is the checkpoint's)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # metadata and tokenizer
 
@@ -302,6 +362,11 @@ def _add_model_metadata(writer, config: dict, layout: _Layout, name: str, file_t
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     rope = _rope_parameters(config)
+    if layout.arch == "gemma3":  # a rope per attention type
+        local, rope = rope.get("sliding_attention", {}), rope.get("full_attention", rope)
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+        writer.add_sliding_window(config["sliding_window"])
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind == "linear":

@@ -346,28 +346,65 @@ def test_llama_cpp_reproduces_other_families(tmp_path, bpe_tokenizer, family, sh
     assert context == (48 if family in ("mistral", "qwen2_windows") else 256)
 
 
+def gemma3_llama_cpp_computes():
+    """A tiny Gemma 3 whose computation llama.cpp's gemma3 has: queries scaled by 1 / sqrt(head size), no final
+    soft-cap (the tiny family config has both other ways, and a window of 8 tokens: the check crosses it)."""
+    model = family_model("gemma3")
+    model.config.query_pre_attn_scalar, model.config.final_logit_softcapping = model.config.head_dim, None
+    for layer in model.model.layers:
+        layer.self_attn.scaling = model.config.head_dim ** -0.5
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_uniform_qwen3_and_gemma3_exports_run_in_llama_cpps_own_architectures(tmp_path, bpe_tokenizer, family):
+    """Uniform exports of Qwen3 (q/k norms) and Gemma 3 (sandwich norms stored as 1 + weight, scaled embeddings,
+    sliding windows with their own rope base) are llama.cpp's qwen3 / gemma3 GGUFs: its logits equal the export's."""
+    model = gemma3_llama_cpp_computes() if family == "gemma3" else family_model(family)
+    structure = Structure.dense(ModelShape.from_model(model))
+    for layer in structure.layers:
+        layer.kv_heads, layer.channels = layer.kv_heads[:1], layer.channels[:64]
+    folder = export(model, structure, tmp_path / "pruned", tokenizer=bpe_tokenizer).path
+    result = write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert result.architecture == family and result.check["tokenization"] == "identical"
+    ids = [0] + bpe_tokenizer(CHECK_TEXT[:200]).input_ids[:40]
+    got, expected = _cpp_and_hf_logits(result.path, folder, ids, False)
+    # the f32 tolerance of the writer's own check (Gemma's logits here reach 60: 1e-3 of them apart)
+    assert (got - expected).abs().max() <= 3e-3 * max(1.0, float(expected.abs().max()) / 10)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    names = {t.name for t in gguf.GGUFReader(str(result.path)).tensors}
+    assert "blk.0.attn_q_norm.weight" in names and ("blk.0.post_ffw_norm.weight" in names) == (family == "gemma3")
+
+
 def test_families_llama_cpp_cannot_express_are_refused(tmp_path, bpe_tokenizer):
+    """Per-layer Qwen3 / Gemma 3 (deci has no q/k norms; their own architectures size every layer alike), and Gemma 3
+    settings llama.cpp's gemma3 does not compute, stop with what is missing; no file is left."""
     from .test_families import removals
 
     for family, model_type in (("qwen3", "qwen3"), ("gemma3", "gemma3_text")):
         model = family_model(family)
-        for name, structure in [("per-layer", removals(model)),
-                                ("uniform", Structure.dense(ModelShape.from_model(model)))]:
-            folder = export(model, structure, tmp_path / f"{family}-{name}", tokenizer=bpe_tokenizer).path
-            with pytest.raises(DMSError, match=f"'{model_type}' model.*Llama, Mistral and Qwen2.*q/k norms"):
-                write_gguf(folder, tmp_path / f"{family}-{name}.gguf", "f32")
+        folder = export(model, removals(model), tmp_path / f"{family}-per-layer", tokenizer=bpe_tokenizer).path
+        with pytest.raises(DMSError, match=f"per-layer '{model_type}' model.*q/k norms.*--format uniform"):
+            write_gguf(folder, tmp_path / f"{family}-per-layer.gguf", "f32")
+    model = family_model("gemma3")  # query_pre_attn_scalar 32 with head size 16, final soft-cap 5
+    folder = export(model, Structure.dense(ModelShape.from_model(model)), tmp_path / "gemma3",
+                    tokenizer=bpe_tokenizer).path
+    with pytest.raises(DMSError, match="gemma3 architecture has no place for query_pre_attn_scalar 32.*soft-cap"):
+        write_gguf(folder, tmp_path / "gemma3.gguf", "f32")
     assert not list(tmp_path.glob("*.gguf"))
 
 
-def test_prune_gguf_of_a_family_llama_cpp_cannot_run_stops_before_the_search(tmp_path, bpe_tokenizer, text_file):
+def test_prune_gguf_of_a_per_layer_qwen3_stops_before_the_search(tmp_path, bpe_tokenizer, text_file):
     dense = tmp_path / "dense"
     family_model("qwen3").save_pretrained(dense)
     bpe_tokenizer.save_pretrained(dense)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "dms_llm", "prune", str(dense), "--keep", "0.85", "--steps", "3", "--seq-len", "32",
-            "--num-samples", "4", "--calib", str(text_file), "--no-eval", "--out", str(out), "--quiet", "--gguf", "f16"]
+            "--num-samples", "4", "--calib", str(text_file), "--no-eval", "--out", str(out), "--quiet", "--gguf", "f16",
+            "--format", "per-layer"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "'qwen3' model" in proc.stderr and "q/k norms" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "'qwen3' architecture" in proc.stderr and "--format uniform" in proc.stderr, \
+        proc.stderr[-2000:]
     assert "step 1/" not in proc.stdout + proc.stderr and not out.exists()
 
 
