@@ -165,11 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for the task YAML files (pass it as lm_eval --include_path)")
 
     g = sub.add_parser("gguf", formatter_class=DefaultsOnce, help="write an export as a GGUF file for llama.cpp",
-                       description="Write a dms-llm export (per-layer: llama.cpp's deci architecture; uniform: llama) "
-                                   "or a Hugging Face Llama / Mistral / Qwen2 folder as a GGUF file, checked by "
-                                   "llama.cpp itself (same tokenization, same logits) before it is moved into place.")
-    g.add_argument("folder", help="output folder of dms-llm prune / finetune, or a Hugging Face Llama, Mistral or "
-                                  "Qwen2 folder")
+                       description="Write a dms-llm export (per-layer: llama.cpp's deci architecture; uniform: "
+                                   "llama, qwen3 or gemma3) or a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3"
+                                   " folder as a GGUF file, checked by llama.cpp itself (same tokenization, same "
+                                   "logits) before it is moved into place.")
+    g.add_argument("folder", help="output folder of dms-llm prune / finetune, or a Hugging Face Llama, Mistral, "
+                                  "Qwen2, Qwen3 or Gemma 3 text folder")
     g.add_argument("--out", default=None, help="the .gguf file to write (default: <folder>-<type>.gguf beside it)")
     g.add_argument("--type", dest="gguf_type", default="f16", type=str.lower,
                    help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, q2_k, ... (non-float types through "
