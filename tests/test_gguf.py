@@ -192,19 +192,22 @@ def test_bad_inputs_stop_with_a_message_and_leave_nothing(tmp_path, bpe_tokenize
         write_gguf(folder, tmp_path / "c.gguf")
     assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".c.tmp-*"))
     # a folder without tokenizer files (transformers would make up an empty one): refused, nothing written
-    from transformers import Qwen2Config, Qwen3Config
+    from transformers import Qwen2Config
 
     shape = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16)
     AutoModelForCausalLM.from_config(Qwen2Config(**shape)).save_pretrained(tmp_path / "qwen")
     with pytest.raises(DMSError, match="holds no tokenizer"):
         write_gguf(tmp_path / "qwen", tmp_path / "qwen.gguf")
-    # a family llama.cpp's llama / deci cannot express: refused by name
-    AutoModelForCausalLM.from_config(Qwen3Config(**shape)).save_pretrained(tmp_path / "qwen3")
-    char_tokenizer().save_pretrained(tmp_path / "qwen3")
-    with pytest.raises(DMSError, match="'qwen3' model"):
-        write_gguf(tmp_path / "qwen3", tmp_path / "qwen3.gguf")
-    assert not list(tmp_path.glob("qwen*.gguf")) and not list(tmp_path.glob(".qwen*"))
+    # a family dms-llm writes no GGUF of: refused by name
+    from transformers import GPT2Config
+
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path / "gpt2")
+    char_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(DMSError, match="'gpt2' model.*Llama, Mistral, Qwen2, Qwen3 and Gemma 3"):
+        write_gguf(tmp_path / "gpt2", tmp_path / "gpt2.gguf")
+    assert not (tmp_path / "gpt2.gguf").exists() and not list(tmp_path.glob(".gpt2*"))
 
 
 def test_a_failed_check_leaves_no_file(tmp_path, bpe_tokenizer, monkeypatch):
