@@ -144,15 +144,24 @@ def check_gguf_family(config: dict, what: str) -> None:
     if model_type not in GGUF_FAMILIES or family not in GGUF_FAMILIES or config.get("qk_norm"):
         missing = {"qwen3": "per-head q/k norms",
                    "gemma3_text": "Gemma 3's norms after each block, scaled embeddings and per-head q/k norms"}
+        if model_type != "dms_llama":
+            raise DMSError(f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral, Qwen2, Qwen3 "
+                           f"and Gemma 3 text models")
         own = (f"; a uniform export (`--format uniform`) of it is written as llama.cpp's own "
-               f"{OWN_ARCHITECTURES[family]!r} architecture, whose layers all take layer 0's head count and width"
+               f"{OWN_ARCHITECTURES[family]!r} architecture, which sizes every layer alike"
                if family in OWN_ARCHITECTURES else "")
         raise DMSError(f"{what} is a per-layer {family!r} model; dms-llm writes per-layer GGUF files of Llama, Mistral "
                        f"and Qwen2 exports (llama.cpp's deci architecture), which has no place for "
-                       f"{missing.get(family, 'per-head q/k norms' if config.get('qk_norm') else 'this family')}{own}"
-                       if model_type == "dms_llama" else
-                       f"{what} is a {family!r} model; dms-llm writes GGUF files of Llama, Mistral, Qwen2, Qwen3 and "
-                       f"Gemma 3 text models")
+                       f"{missing.get(family, 'per-head q/k norms' if config.get('qk_norm') else 'this family')}{own}")
+
+
+def check_per_layer_gguf(model_type: str, what: str) -> None:
+    """DMSError when a per-layer export of a ``model_type`` model cannot become a GGUF (llama.cpp runs that family
+    as its own architecture, which sizes every layer alike); ``what`` names the request in the message."""
+    own = OWN_ARCHITECTURES.get(model_type)
+    if own:
+        raise DMSError(f"{what}: llama.cpp runs {model_type} models as its {own!r} architecture, which sizes every "
+                       f"layer alike; use --format uniform (or auto) with --gguf, or drop --gguf for a per-layer model")
 
 
 def _check_gemma3(config: dict, what: str) -> None:
@@ -363,7 +372,7 @@ def _add_model_metadata(writer, config: dict, layout: _Layout, name: str, file_t
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     rope = _rope_parameters(config)
     if layout.arch == "gemma3":  # a rope per attention type
-        local, rope = rope.get("sliding_attention", {}), rope.get("full_attention", rope)
+        local, rope = rope.get("sliding_attention", {}), dict(rope.get("full_attention", rope))
         rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
         writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
         writer.add_sliding_window(config["sliding_window"])
@@ -867,5 +876,5 @@ def check_gguf(path: Path, folder: Path, config: dict, tokenizer, gguf_type: str
 
 
 __all__ = ["CHECK_TEXT", "GGUFExportError", "GGUFResult", "GGUF_TYPES", "channel_multiple_for", "check_gguf",
-           "check_gguf_type", "llama_cpp_has_amx", "llama_cpp_perplexity", "llama_cpp_speed", "llama_logits",
-           "open_llama", "source_gguf", "write_gguf"]
+           "check_gguf_type", "check_per_layer_gguf", "llama_cpp_has_amx", "llama_cpp_perplexity", "llama_cpp_speed",
+           "llama_logits", "open_llama", "source_gguf", "write_gguf"]

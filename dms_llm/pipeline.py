@@ -28,14 +28,14 @@ import torch
 from .data import calibration_windows, check_source, evaluation_tokens, held_out_windows
 from .errors import DMSError, flag
 from .evaluation import perplexity
-from .exporter import ExportError, ExportResult, build_pruned_model, check_per_layer_support, export
+from .exporter import ExportResult, build_pruned_model, check_per_layer_support, export
 from .folder import announce_saved_state, check_output_dir, load_structure_file, save_recovered, state_path
 from .gguf_export import (
-    OWN_ARCHITECTURES,
     GGUFResult,
     channel_multiple_for,
     check_gguf_family,
     check_gguf_output,
+    check_per_layer_gguf,
     write_gguf,
 )
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
@@ -319,24 +319,17 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     load_device = "cpu" if config.fsdp else default_device(job.device)  # FSDP moves each shard to its process's device
     model, tokenizer, source_dir = load_model(job.model, dtype=job.dtype, device=load_device,
                                               trust_remote_code=job.trust_remote_code, device_map=job.device_map)
+    if job.gguf is not None:  # before the search: a family llama.cpp cannot run stops now, not after an hour
+        check_gguf_family(model.config.to_dict(), job.model)
     if config.format != "uniform":
         try:
             check_per_layer_support(model)
-        except ExportError as e:
+            if job.gguf is not None:
+                check_per_layer_gguf(model.config.model_type, f"--gguf {job.gguf}")
+        except DMSError as e:
             if config.format == "per-layer":
                 raise
             logger.info("%s: --format auto searches the uniform (stock) format only", str(e).split(";")[0])
-            config = dataclasses.replace(config, format="uniform")
-    if job.gguf is not None:  # before the search: a family llama.cpp cannot run stops now, not after an hour
-        check_gguf_family(model.config.to_dict(), job.model)
-        own = OWN_ARCHITECTURES.get(model.config.model_type)
-        if own and config.format == "per-layer":
-            raise DMSError(f"--gguf {job.gguf}: llama.cpp runs {model.config.model_type} models as its {own!r} "
-                           f"architecture, which sizes every layer alike; use --format uniform (or auto) with --gguf, "
-                           f"or drop --gguf for a per-layer model")
-        if own and config.format == "auto":
-            logger.info("--gguf: llama.cpp's %s architecture sizes every layer alike: --format auto searches the "
-                        "uniform format only", own)
             config = dataclasses.replace(config, format="uniform")
     calib = calibration_windows(tokenizer, job.calib, job.seq_len, job.num_samples, seed=config.seed)
     logger.info("calibration: %d windows of %d tokens from %s", len(calib), job.seq_len, job.calib)

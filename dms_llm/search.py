@@ -495,9 +495,8 @@ def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache
     structure read off the per-layer search's ranking scored worse once repaired (BENCHMARKS.md: 154.8 vs 140.2 at
     keep 0.5, the same widths), so the uniform ranking is learned at uniform widths, for ``uniform_steps`` (by
     default as many as the per-layer search's: with half as many, auto scored 146.06 against uniform's 140.17 at
-    keep 0.5, BENCHMARKS.md). Returns
-    its gates (hooks removed, operators kept for the depth candidates) and its steps; its state resumes from
-    :func:`uniform_state_path`."""
+    keep 0.5, BENCHMARKS.md). Returns its gates (hooks removed, operators kept for the depth candidates) and its
+    steps; its state resumes from :func:`uniform_state_path`."""
     steps = config.uniform_steps or config.steps
     uniform_config = replace(config, format="uniform", steps=steps,
                              checkpoint_path=uniform_state_path(config.checkpoint_path))
