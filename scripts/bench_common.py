@@ -77,6 +77,28 @@ def protocol_windows(tokenizer, calib: str, seq_len: int = 256, num_samples: int
     return windows, held_out_windows(tokenizer, calib, seq_len, num_samples, repair_check, length=repair_check_len)
 
 
+def parse_search_options(items: list[str]) -> dict:
+    """``["batch_size=4", "lr=0.05"]`` -> ``{"batch_size": 4, "lr": 0.05}``: PruneConfig fields (values read as JSON
+    where they parse, else as text), checked against the config's fields."""
+    import dataclasses
+    import json
+
+    import dms_llm
+
+    fields = {f.name for f in dataclasses.fields(dms_llm.PruneConfig)}
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--search-option {item!r}: give FIELD=VALUE with a PruneConfig field "
+                             f"({', '.join(sorted(fields))})")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
 class Methods:
     """Every method of the benchmarks on one model and calibration set: its structure at a budget (cached in memory
     and, keyed by everything it depends on, on disk under ``cache_dir``), and its pruned model — as the method
@@ -84,8 +106,9 @@ class Methods:
 
     def __init__(self, model, calib, calib_name: str, steps: int = 200, recon_samples: int = 32,
                  cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None,
-                 uniform_steps: int | None = None):
+                 uniform_steps: int | None = None, search_options: dict | None = None):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
+        self.search_options = dict(search_options or {})  # more PruneConfig fields of every DMS search
         self.uniform_steps = uniform_steps  # dms_auto's uniform search (None: the library's default, = steps)
         self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
         # held-out calibration windows: the DMS searches' depth check then chooses after the repair, as
@@ -95,6 +118,7 @@ class Methods:
         self.key += f"-cm{channel_multiple}" if channel_multiple != 8 else ""
         self.dms_key = f"-rc{held_out.shape[0]}x{held_out.shape[1]}" if held_out is not None else ""
         self.dms_key += f"-topk{dms_llm_teacher_top_k()}-{search_precision()}"
+        self.dms_key += "".join(f"-{k}{v}" for k, v in sorted(self.search_options.items()))
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._stats, self._structures = None, {}
         self._repaired = {}  # structure key -> (repaired model, repair seconds) left by the depth check
@@ -128,7 +152,7 @@ class Methods:
         if method.startswith("dms"):
             config = dms_llm.PruneConfig(keep=keep, steps=self.steps, format=DMS_FORMATS[method],
                                          channel_multiple=self.channel_multiple, seed=seed,
-                                         uniform_steps=self.uniform_steps)
+                                         uniform_steps=self.uniform_steps, **self.search_options)
             structure = self.choose(dms_llm.prune(model, calib, config, progress=False))
         elif method == "flap":
             structure = baselines.flap(model, self._stats, target)

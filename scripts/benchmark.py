@@ -37,6 +37,7 @@ from bench_common import (  # a sibling module
     Methods,
     eval_windows,
     machine_name,
+    parse_search_options,
     protocol_windows,
     replace_section,
     search_precision,
@@ -65,7 +66,7 @@ parser.add_argument("--windows", type=int, default=None,
                     help="first N eval windows (default: 8 on CPU, all on GPU; 0 = all)")
 parser.add_argument("--steps", type=int, default=200, help="DMS search steps")
 parser.add_argument("--uniform-steps", type=int, default=None,
-                    help="dms_auto: steps of its uniform search (default: the library's, half of --steps)")
+                    help="dms_auto: steps of its uniform search (default: the library's, as many as --steps)")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="DMS search seeds (each DMS row once per seed)")
 parser.add_argument("--repair-check", type=int, default=4,
                     help="held-out calibration windows on which the DMS depth check chooses after the repair, as "
@@ -73,6 +74,8 @@ parser.add_argument("--repair-check", type=int, default=4,
 parser.add_argument("--seq-len", type=int, default=256)
 parser.add_argument("--num-samples", type=int, default=64)
 parser.add_argument("--recon-samples", type=int, default=32, help="calibration windows the reconstruction reads")
+parser.add_argument("--search-option", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a PruneConfig field for every DMS search, e.g. batch_size=4 (repeatable; a lever to screen)")
 parser.add_argument("--calib", default="wikitext2", help="calibration text (Hub name or local file)")
 parser.add_argument("--eval-data", default="wikitext2", help="perplexity text (Hub name or local file)")
 parser.add_argument("--cache-dir", default=str(ROOT / ".bench-cache"),
@@ -83,6 +86,7 @@ parser.add_argument("--tag", default="",
                     help="a name for this run's outputs (results<tag>.json, ppl_vs_params<tag>.png, its BENCHMARKS "
                          "section), e.g. a subset of the methods on another machine")
 args = parser.parse_args()
+search_options = parse_search_options(args.search_option)  # (checked before anything loads)
 START, END = f"<!-- benchmark{args.tag}:start -->", f"<!-- benchmark{args.tag}:end -->"
 logging.basicConfig(level=logging.WARNING)
 reuse_freed_memory()
@@ -94,12 +98,14 @@ calib, held_out = protocol_windows(tokenizer, args.calib, args.seq_len, args.num
 tokens = evaluation_tokens(tokenizer, args.eval_data)
 machine = machine_name(device)
 methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args.cache_dir, held_out=held_out,
-                  uniform_steps=args.uniform_steps)
+                  uniform_steps=args.uniform_steps, search_options=search_options)
 
 
 protocol = {"model": args.model, "calib": Path(args.calib).name, "eval_data": Path(args.eval_data).name,
             "eval_windows": windows, "steps": args.steps, "seq_len": args.seq_len, "num_samples": args.num_samples,
             "recon_samples": args.recon_samples, "repair_check": args.repair_check}
+if search_options:  # (absent otherwise, so that rows of the default protocol stay comparable)
+    protocol["search_options"] = search_options
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
 results = out / f"results{args.tag}.json"

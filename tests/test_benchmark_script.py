@@ -37,3 +37,18 @@ def test_seed_runner_appends_skips_and_reports_the_spread(dense_folder, tmp_path
     table = (out / "B.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| dms_uniform+recon | 0.8 |"))
     assert "| 0, 1, 2 |" in row
+
+
+def test_a_search_option_reaches_every_dms_search_and_its_protocol(dense_folder, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    out = tmp_path / "bench"
+    out.mkdir()
+    _run(dense_folder, text, out, "--search-option", "batch_size=2", "--search-option", "lr=0.05")
+    rows = json.loads((out / "results-test.json").read_text())
+    assert all(r["protocol"]["search_options"] == {"batch_size": 2, "lr": 0.05} for r in rows)
+    cached = [p.name for p in (out / "cache").iterdir() if p.name.startswith("dms_uniform")]
+    assert cached and all("-batch_size2-lr0.05" in name for name in cached)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--search-option", "batchsize=2"],
+                          capture_output=True, text=True, timeout=120, cwd=out)
+    assert proc.returncode != 0 and "PruneConfig field" in proc.stderr
