@@ -151,7 +151,8 @@ def main():
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "DTYPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps({"tokens_per_s": throughput(args.child[0], args.child[1], int(args.child[2]))}))
+        print("RESULT", json.dumps({"tokens_per_s": throughput(args.child[0], args.child[1], int(args.child[2]))}),
+              flush=True)
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -176,7 +177,8 @@ def main():
                                   str(batch)], capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{name} batch {batch} failed:\n{out.stderr[-3000:]}")
-            tps = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+            result = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+            tps = json.loads(result.removeprefix("RESULT "))["tokens_per_s"]
             row["decode_tokens_per_s"][f"{name} b{batch}"] = round(tps, 1)
             print(f"{name:10s} batch {batch:3d}: {tps:8.1f} decode tokens/s", flush=True)
     dense_bytes = row["weight_bytes_bf16"]["dense"]
