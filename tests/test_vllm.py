@@ -7,46 +7,22 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from dms_llm.exporter import build_pruned_model, export
-from dms_llm.structure import ModelShape, Structure
 from dms_llm.vllm_plugin import check_servable, check_tensor_parallel, tensor_parallel_sizes
 
-# head size 64: vLLM's CPU attention takes 32, 64, 80, ... (not the 16 of the other tests' tiny models)
-COMMON = dict(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, head_dim=64, tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-FAMILIES = {
-    "llama3": lambda: LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE),
-    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),  # shorter than the prompts
-    "qwen2": lambda: Qwen2Config(**{**COMMON, "num_key_value_heads": 4, "tie_word_embeddings": True}),  # biases
-    "qwen3": lambda: Qwen3Config(**COMMON),  # per-head q/k norms
-}
+from . import test_families  # the same tiny models and removals as the transformers tests
+
+# the families' tiny models at head size 64: vLLM's CPU attention takes 32, 64, 80, ... (not 16)
+VLLM_SIZES = dict(hidden_size=128, intermediate_size=192, head_dim=64)
+COMMON = {**test_families.COMMON, **VLLM_SIZES}
+SERVED = ("llama3", "mistral", "qwen2", "qwen3")  # mistral: window 8 < prompts; qwen2: biases; qwen3: q/k norms
 PROMPTS = [[5, 17, 42, 99, 3, 64, 12, 7, 88, 21, 9, 30], [100, 2, 2, 57, 31, 75, 44, 18, 6, 120, 11, 63, 27, 90]]
 NEW_TOKENS = 16
 
 
-def tiny(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
-    with torch.no_grad():  # spread norms and biases so that every feature changes the logits
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-    return model
-
-
-def removals(model) -> Structure:
-    """Layer 0 without attention and narrowed MLP, layer 1 with one KV head and no MLP, layer 2 removed."""
-    s = Structure.dense(ModelShape.from_model(model))
-    s.layers[0].kv_heads, s.layers[0].channels = [], s.layers[0].channels[:40]
-    s.layers[1].kv_heads, s.layers[1].channels = s.layers[1].kv_heads[1:], []
-    s.layers[2].kv_heads, s.layers[2].channels = [], []
-    return s
+def tiny(family: str):
+    return test_families.tiny(family, **VLLM_SIZES)
 
 
 def per_layer_config(**values):
@@ -100,14 +76,13 @@ def vllm():
     return vllm
 
 
-@pytest.mark.parametrize("family,repaired", [("llama3", False), ("mistral", False), ("qwen2", False),
-                                             ("qwen3", False), ("llama3", True)])
+@pytest.mark.parametrize("family,repaired", [(f, False) for f in SERVED] + [("llama3", True)])
 def test_vllm_runs_the_per_layer_export_like_transformers(vllm, tmp_path, family, repaired):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     model = tiny(family)
-    structure = removals(model)
+    structure = test_families.removals(model)
     pruned = None
     if repaired:  # the repair's biases on o_proj / down_proj
         pruned = build_pruned_model(model, structure, output_bias=True)
