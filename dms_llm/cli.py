@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=int, default=None,
                    help="kept MLP widths are multiples of this (default 8; 32 with a quantized --gguf type, so that "
                         "every tensor quantizes)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="round every layer's widths so that vLLM's tensor parallelism over N GPUs splits them (MLP "
+                        "widths to multiples of N, KV heads to counts N shards or replicates; default 1: no rounding)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the pruning ratios")
     p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")

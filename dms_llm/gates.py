@@ -13,6 +13,7 @@ so the result is a stock ``LlamaForCausalLM``.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -111,6 +112,30 @@ def hard_masked(model: nn.Module, structure: Structure):
         hooks.remove()
 
 
+def tensor_parallel_head_counts(shape: ModelShape, tp: int, uniform: bool = False) -> list[int]:
+    """The KV-group counts a layer may keep so that tensor parallelism of size ``tp`` splits it (and, for the uniform
+    format, a stock config takes it); a ValueError saying which sizes work when ``tp`` cannot split this model."""
+    if tp < 1:
+        raise ValueError(f"tensor_parallel must be at least 1, got {tp}")
+    counts = shape.tensor_parallel_group_counts(tp)
+    if uniform:
+        counts = [g for g in counts if g in shape.valid_uniform_group_counts()]
+    if not counts or shape.hidden_size % tp:
+        works = [t for t in range(1, 17) if shape.hidden_size % t == 0 and shape.tensor_parallel_group_counts(t)
+                 and (not uniform or set(shape.tensor_parallel_group_counts(t)) & set(
+                     shape.valid_uniform_group_counts()))]
+        raise ValueError(
+            f"tensor parallelism of size {tp} cannot split this model (hidden size {shape.hidden_size}, "
+            f"{shape.num_kv_heads} KV heads of {shape.heads_per_group} query heads each) at any width; sizes that "
+            f"can: {', '.join(map(str, works))}")
+    return counts
+
+
+def nearest(values: list[int], x: int) -> int:
+    """The value closest to ``x`` (the smaller one on a tie)."""
+    return min(values, key=lambda v: (abs(v - x), v))
+
+
 class DMSGates(nn.Module):
     """The DMS top-k operators of one model plus the hooks that apply them.
 
@@ -122,6 +147,9 @@ class DMSGates(nn.Module):
             kernel-friendly while every channel is still chosen on its own importance).
         search_heads / search_channels / search_depth: which choices to search.
         momentum: moving-average factor of the Taylor importances (0.99 in the paper).
+        tensor_parallel: hard widths are rounded to what tensor parallelism of this size splits (vLLM's rule, see
+            :func:`~dms_llm.structure.splits_across`): MLP widths to multiples of it, KV-group counts to the nearest
+            that splits.
     """
 
     def __init__(
@@ -134,9 +162,12 @@ class DMSGates(nn.Module):
         search_channels: bool = True,
         search_depth: bool = True,
         momentum: float = 0.99,
+        tensor_parallel: int = 1,
     ):
         super().__init__()
         shape = ModelShape.from_model(model)
+        self.head_counts = tensor_parallel_head_counts(shape, tensor_parallel, uniform)
+        channel_multiple = math.lcm(channel_multiple, tensor_parallel, mlp_unit)
         if mlp_unit < 1 or shape.intermediate_size % mlp_unit != 0:
             raise ValueError(
                 f"mlp_unit={mlp_unit} must divide intermediate_size={shape.intermediate_size}; "
@@ -226,10 +257,13 @@ class DMSGates(nn.Module):
             rounded = (round_half_up(c.double() / m) * m).long().clamp(m, self.operators["channels"].num_units)
             counts["channels"] = torch.where(c > 0, rounded, c)
         if self.uniform and "heads" in counts:
-            valid = self.shape.valid_uniform_group_counts()
+            valid = [g for g in self.shape.valid_uniform_group_counts() if g in self.head_counts]
             g = int(counts["heads"][0])
             snapped = max([v for v in valid if v <= g] or [min(valid)])
             counts["heads"] = torch.full_like(counts["heads"], snapped)
+        elif len(self.head_counts) < self.shape.num_kv_heads and "heads" in counts:
+            counts["heads"] = torch.tensor([nearest(self.head_counts, int(g)) for g in counts["heads"]],
+                                            device=counts["heads"].device)
         return counts
 
     def hard_structure(self, counts: dict[str, torch.Tensor] | None = None) -> Structure:

@@ -171,8 +171,8 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
 
 
 PRUNE_FLAGS = ("keep", "target", "resource", "format", "search_depth", "depth_check", "mlp_unit", "channel_multiple",
-               "steps", "uniform_steps", "batch_size", "lr", "resource_weight", "lm_loss_weight", "seed",
-               "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
+               "tensor_parallel", "steps", "uniform_steps", "batch_size", "lr", "resource_weight", "lm_loss_weight",
+               "seed", "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
 FINETUNE_FLAGS = ("tokens", "batch_size", "lr", "lora", "lora_rank", "lora_alpha", "kl_weight", "lm_loss_weight",
                   "seed", "mixed_precision")
 

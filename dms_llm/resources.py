@@ -70,16 +70,16 @@ class ResourceModel:
     def dense(self) -> int:
         return self.of_structure(Structure.dense(self.shape))
 
-    def minimum(self, uniform: bool, mlp_unit: int = 1) -> int:
-        """The smallest cost the search space can reach: one layer (or one block of each kind) of width one."""
+    def minimum(self, uniform: bool, mlp_unit: int = 1, kv_groups: int = 1) -> int:
+        """The smallest cost the search space can reach: one layer (or one block of each kind) of ``mlp_unit``
+        channels and ``kv_groups`` KV groups (uniform: at least the fewest a stock config takes)."""
         s = self.shape
         one = Structure.dense(s)
-        for i, layer in enumerate(one.layers):
-            layer.kv_heads = [0] if i == 0 else []
-            layer.channels = list(range(mlp_unit)) if i == 0 else []
         if uniform:
-            g = min(s.valid_uniform_group_counts())
-            one.layers[0].kv_heads = list(range(g))
+            kv_groups = max(kv_groups, min(s.valid_uniform_group_counts()))
+        for i, layer in enumerate(one.layers):
+            layer.kv_heads = list(range(kv_groups)) if i == 0 else []
+            layer.channels = list(range(mlp_unit)) if i == 0 else []
         return self.of_structure(one)
 
     # -- differentiable --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import DMSError
-from .gates import DMSGates, hard_masked
+from .gates import DMSGates, hard_masked, tensor_parallel_head_counts
 from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
 from .progress import Heartbeat
 from .resources import ResourceModel
@@ -76,6 +76,7 @@ class PruneConfig(TrainingConfig):
     depth_check: int = 16  # calibration windows scoring the searched depth against fewer removals (0 = off)
     mlp_unit: int = 1  # MLP channels ranked together; 1 = each on its own (groups of 8 cost ~15% perplexity)
     channel_multiple: int = 8  # kept MLP widths are multiples of this (kernel-friendly shapes)
+    tensor_parallel: int = 1  # widths rounded so that tensor parallelism of this size splits every layer (vLLM)
     steps: int = 200
     uniform_steps: int | None = None  # format "auto": the uniform search's steps (None: as many as `steps`)
     warmup_steps: int = 4
@@ -121,6 +122,8 @@ class PruneConfig(TrainingConfig):
             raise DMSError(f"`mlp_unit` must be at least 1, got {self.mlp_unit}")
         if self.channel_multiple < 1:
             raise DMSError(f"`channel_multiple` must be at least 1, got {self.channel_multiple}")
+        if self.tensor_parallel < 1:
+            raise DMSError(f"`tensor_parallel` is a number of GPUs (1 = no constraint), got {self.tensor_parallel}")
         if self.teacher_top_k < 0:
             raise DMSError(f"`teacher_top_k` is a number of tokens (0 = the exact KL), got {self.teacher_top_k}")
         if self.depth_check < 0:
@@ -130,7 +133,12 @@ class PruneConfig(TrainingConfig):
 
     def resolve_target(self, resource: ResourceModel) -> int:
         """The absolute target, checked against what the search space of this model can reach."""
-        dense, minimum = resource.dense(), resource.minimum(self.uniform, max(self.mlp_unit, self.channel_multiple))
+        try:
+            kv_groups = min(tensor_parallel_head_counts(resource.shape, self.tensor_parallel, self.uniform))
+        except ValueError as e:
+            raise DMSError(f"`tensor_parallel={self.tensor_parallel}`: {e}") from None
+        multiple = math.lcm(self.mlp_unit, self.channel_multiple, self.tensor_parallel)
+        dense, minimum = resource.dense(), resource.minimum(self.uniform, multiple, kv_groups)
         unit = "parameters" if resource.kind == "params" else f"MACs at {resource.seq_len} tokens"
         target = int(math.floor(self.keep * dense)) if self.keep is not None else int(self.target)
         if target >= dense:
@@ -359,7 +367,7 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         adapters = add_lora(model, config.lora_rank, alpha) if config.joint else None
         gates = DMSGates(model, uniform=config.uniform, mlp_unit=config.mlp_unit,
                          channel_multiple=config.channel_multiple, search_depth=config.search_depth,
-                         momentum=config.importance_momentum)
+                         momentum=config.importance_momentum, tensor_parallel=config.tensor_parallel)
         # the dense model's outputs per calibration window, computed on first use: its weights are frozen (in joint
         # mode too: the teacher runs with the adapters off)
         teacher = TeacherCache(calib, config.teacher_top_k)
@@ -501,7 +509,8 @@ def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache
     uniform_config = replace(config, format="uniform", steps=steps,
                              checkpoint_path=uniform_state_path(config.checkpoint_path))
     gates = DMSGates(model, uniform=True, mlp_unit=config.mlp_unit, channel_multiple=config.channel_multiple,
-                     search_depth=config.search_depth, momentum=config.importance_momentum)
+                     search_depth=config.search_depth, momentum=config.importance_momentum,
+                     tensor_parallel=config.tensor_parallel)
     logger.info("format auto: the uniform (stock-format) search at the same budget")
     try:
         with run.stage("search (uniform)", uniform_config.checkpoint_path):

@@ -103,6 +103,19 @@ class ModelShape:
         """KV-group counts a stock config accepts (LlamaConfig needs hidden_size % num_attention_heads == 0)."""
         return [g for g in range(1, self.num_kv_heads + 1) if self.hidden_size % (g * self.heads_per_group) == 0]
 
+    def tensor_parallel_group_counts(self, tp: int) -> list[int]:
+        """KV-group counts (one or more) whose attention tensor parallelism of size ``tp`` splits."""
+        return [g for g in range(1, self.num_kv_heads + 1) if splits_across(tp, g, self.heads_per_group, 0)]
+
+
+def splits_across(tp: int, kv_heads: int, heads_per_group: int, width: int) -> bool:
+    """Whether tensor parallelism of size ``tp`` splits a layer with ``kv_heads`` KV heads (0: no attention),
+    ``heads_per_group`` query heads per KV head and an MLP ``width`` (0: no MLP), as vLLM shards it: the query heads
+    and the MLP width divide by ``tp``, and the KV heads divide by it or it by them (fewer KV heads than GPUs are
+    replicated)."""
+    heads = kv_heads == 0 or (kv_heads * heads_per_group % tp == 0 and (kv_heads % tp == 0 or tp % kv_heads == 0))
+    return heads and width % tp == 0
+
 
 def layer_windows(config) -> list[int | None]:
     """The attention window of every layer of a source config (None = full attention): Qwen2/3 say it per layer in

@@ -71,15 +71,13 @@ def check_tensor_parallel(config, tp: int) -> None:
         raise ValueError(
             f"tensor parallel size {tp} cannot split this per-layer model: layers {bad[:8]}"
             f"{' ...' if len(bad) > 8 else ''} have query heads, KV heads or an MLP width it does not divide. "
-            f"Sizes that work: {', '.join(map(str, sizes))}.")
+            f"Sizes that work: {', '.join(map(str, sizes))}; or prune again with `--tensor-parallel {tp}`, which "
+            f"rounds every layer's widths to what {tp} GPUs split.")
 
 
 def _unsplit_layers(config, tp: int) -> list[int]:
+    from .structure import splits_across
+
     group = config.num_attention_heads // config.num_key_value_heads
-
-    def splits(kv: int, width: int) -> bool:
-        heads = kv == 0 or (kv * group % tp == 0 and (kv % tp == 0 or tp % kv == 0))
-        return heads and width % tp == 0
-
     return [i for i, (kv, width) in enumerate(zip(config.layer_num_key_value_heads, config.layer_intermediate_sizes))
-            if not splits(kv, width)]
+            if not splits_across(tp, kv, group, width)]

@@ -68,3 +68,34 @@ def test_uniform_gates_share_counts(gqa_model):
     s = gates.hard_structure()
     assert s.is_uniform() and len(s.kept_layers()) == 3
     assert set(s.intermediate_sizes()) == {0, 48}
+
+
+def test_tensor_parallel_rounds_every_layers_widths_to_what_it_splits(mha_model):
+    from dms_llm.structure import splits_across
+
+    shape = ModelShape.from_model(mha_model)  # 4 KV heads of one query head each: TP 2 splits 2 or 4 of them
+    gates = DMSGates(mha_model, tensor_parallel=2)
+    with torch.no_grad():
+        gates.operators["heads"].ratio.copy_(torch.tensor([0.0, 0.25, 0.5, 0.75]))  # 4, 3, 2, 1 heads asked
+        gates.operators["channels"].ratio.copy_(torch.tensor([0.0, 0.3, 0.55, 0.9]))
+    counts = gates.kept_counts()
+    assert counts["heads"].tolist() == [4, 2, 2, 2]  # 3 -> 2 (the smaller on a tie), 1 -> 2 (fewest it splits)
+    assert counts["channels"].tolist() == [96, 68, 44, 10]  # 67.2 and 43.2 asked: rounded to even widths
+    structure = gates.hard_structure()
+    assert all(splits_across(2, len(layer.kv_heads), shape.heads_per_group, len(layer.channels))
+               for layer in structure.layers)
+    plain = DMSGates(mha_model)  # no rounding without it
+    with torch.no_grad():
+        plain.operators["heads"].ratio.copy_(gates.operators["heads"].ratio)
+        plain.operators["channels"].ratio.copy_(gates.operators["channels"].ratio)
+    assert plain.kept_counts()["heads"].tolist() == [4, 3, 2, 1]
+    assert plain.kept_counts()["channels"].tolist() == [96, 67, 43, 10]
+    gates.remove()
+    plain.remove()
+
+
+def test_tensor_parallel_the_model_cannot_split_names_the_sizes_that_can(gqa_model):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"size 3 cannot split .* sizes that can: 1, 2, 4"):
+        DMSGates(gqa_model, tensor_parallel=3)  # hidden size 64

@@ -319,3 +319,29 @@ def test_successive_halving_scores_the_finalists_on_every_window_and_keeps_each_
     for i, k in enumerate(seen):
         if k == 8:
             assert halved[i] == pytest.approx(full[i], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["per-layer", "uniform"])
+def test_tensor_parallel_search_exports_a_model_that_size_splits(mha_model, calib, fmt):
+    from dms_llm.exporter import build_pruned_model
+    from dms_llm.vllm_plugin import tensor_parallel_sizes
+
+    cfg = PruneConfig(keep=0.55, steps=8, warmup_steps=1, batch_size=2, format=fmt, patience=3, channel_multiple=1,
+                      tensor_parallel=2, depth_check=0)
+    result = prune(mha_model, calib, cfg, progress=False)
+    assert result.pruned_resource <= result.target_resource
+    config = build_pruned_model(mha_model, result.structure).config
+    if fmt == "per-layer":
+        assert 2 in tensor_parallel_sizes(config)
+    else:
+        assert config.num_attention_heads % 2 == 0 and config.intermediate_size % 2 == 0
+    widths = [len(layer.channels) for layer in result.structure.layers] + [
+        len(layer.kv_heads) for layer in result.structure.layers]
+    assert all(w % 2 == 0 for w in widths) and any(0 < w < 96 for w in widths)
+
+
+def test_tensor_parallel_the_model_cannot_split_stops_before_the_search(gqa_model, calib):
+    with pytest.raises(DMSError, match="tensor_parallel=3.*sizes that can: 1, 2, 4"):
+        prune(gqa_model, calib, PruneConfig(keep=0.6, steps=2, tensor_parallel=3), progress=False)
+    with pytest.raises(DMSError, match="number of GPUs"):
+        PruneConfig(keep=0.6, tensor_parallel=0)
