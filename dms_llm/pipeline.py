@@ -41,7 +41,10 @@ from .gguf_export import (
 from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resolve_source
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
+from .report import blocks_kept
+from .resources import ResourceModel
 from .search import PruneConfig, PruneResult, prune, uniform_state_path
+from .structure import ModelShape
 from .training import is_dispatched, release_freed_memory
 
 logger = logging.getLogger("dms_llm")
@@ -224,6 +227,24 @@ def _perplexities(models: dict, tokens: torch.Tensor, job) -> dict:
 QUALITY_RATIO = 3.0  # pruned / dense perplexity above which a prune warns (keep 0.8 of SmolLM2: 1.3 on pydoc-heldout)
 
 
+BLOCKS_WARNING = 0.5  # kept fraction of the non-embedding parameters below which a prune warns
+
+
+def blocks_warning(info: dict) -> str | None:
+    """A warning when the budget leaves the transformer blocks less than :data:`BLOCKS_WARNING` of their
+    parameters: `--keep` counts the embeddings, which are never pruned, so a model whose embeddings are a large
+    share of it pays the whole cut in its blocks."""
+    kept = blocks_kept(info)
+    if kept is None or kept >= BLOCKS_WARNING:
+        return None
+    share = info["embedding_params"] / info["params_before"]
+    half = math.ceil(100 * (share + (1 - share) * BLOCKS_WARNING)) / 100  # the keep that leaves the blocks half
+    return (f"the budget keeps {info['params_after'] / info['params_before']:.0%} of all parameters but only "
+            f"{kept:.0%} of the transformer blocks' parameters: the embeddings are {share:.0%} of this model and "
+            f"are never pruned, so the whole cut falls on the blocks. Expect a large loss; choose a larger --keep "
+            f"(keep {half:.2f} leaves the blocks half of theirs).")
+
+
 def quality_warning(ppl: dict) -> str | None:
     """A warning when the pruned model's perplexity is more than :data:`QUALITY_RATIO` times the dense model's on
     the job's evaluation data (held-out calibration text by default), with what to try; None otherwise."""
@@ -380,7 +401,10 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
         }
     if ppl:
         metadata["perplexity"] = ppl
-    warning = quality_warning(ppl)
+    sizes = ResourceModel(ModelShape.from_model(model))
+    kept = {"params_before": sizes.dense(), "params_after": sum(p.numel() for p in pruned.parameters()),
+            "embedding_params": sizes.embedding_params()}
+    warning = " ".join(w for w in (blocks_warning(kept), quality_warning(ppl)) if w)
     if warning:
         logger.warning(warning)
         metadata["warning"] = warning

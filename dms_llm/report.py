@@ -20,12 +20,24 @@ def _ppl_row(before: dict, after: dict) -> tuple:
     return label, f"{before['ppl']:.3f}", f"{after['ppl']:.3f}", f"{after['ppl'] / before['ppl']:.3f}"
 
 
+def blocks_kept(info: dict) -> float | None:
+    """The kept fraction of the parameters outside the embeddings (the transformer blocks), from an export's
+    record; None when the record predates ``embedding_params``."""
+    emb = info.get("embedding_params")
+    if emb is None or info["params_before"] <= emb:
+        return None
+    return (info["params_after"] - emb) / (info["params_before"] - emb)
+
+
 def prune_report(run, model: str) -> str:
     """What :func:`dms_llm.pipeline.prune_checkpoint` did: structure, sizes, perplexity, times."""
     info, search = run.info, run.search
     dp, pp, dm, pm = info["params_before"], info["params_after"], info["macs_2048_before"], info["macs_2048_after"]
-    rows = [("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}"),
-            ("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}")]
+    rows = [("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}")]
+    emb = info.get("embedding_params")
+    if emb is not None and dp > emb:
+        rows.append(("  without embeddings", f"{dp - emb:,}", f"{pp - emb:,}", f"{(pp - emb) / (dp - emb):.3f}"))
+    rows.append(("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}"))
     if run.perplexity:
         rows.append(_ppl_row(run.perplexity["dense"], run.perplexity["pruned"]))
     cost = (info.get("search") or {}).get("step_cost")

@@ -56,6 +56,11 @@ class ResourceModel:
             "per_group_attention": 2 * r * d * S * (S + 1) / 2,  # QK^T and AV for the r query heads of a group
         }
 
+    def embedding_params(self) -> int:
+        """The token embedding and LM head parameters (the head once when tied): what no budget prunes."""
+        s = self.shape
+        return s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2)
+
     # -- exact -----------------------------------------------------------------------------------------------
     def of_structure(self, structure: Structure) -> int:
         c = self._costs()

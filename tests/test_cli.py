@@ -52,10 +52,13 @@ def test_prune_per_layer_end_to_end(tmp_path, calib_file):
     assert count_parameters(model) <= 0.81 * 134_515_008
     info = json.loads((out / "dms_structure.json").read_text())
     assert info["params_after"] == count_parameters(model) and info["params_before"] == 134_515_008
+    assert info["embedding_params"] == 49_152 * 576  # tied: counted once
+    assert "|   without embeddings" in proc.stdout
     assert (out / "dms_structure.png").exists() and (out / "dms_search_log.jsonl").exists()
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "- pruned" in card
     assert "| pruned |" in card and "trust_remote_code=True" in card and "dms-llm prune smollm2-135m" in card
+    assert "of those outside the embeddings" in card
     assert not list(tmp_path.glob(".*"))  # no temporary folders or search state left behind
     # zero-shot on the export, offline, with the built-in example task
     proc = _run("eval", str(out), "--trust-remote-code", "--tasks", "dms_example", "--limit", "8", "--json",

@@ -308,3 +308,22 @@ def test_the_plain_step_yardstick_drops_each_gradient_and_restores_the_flags(gqa
     assert reached == {name for name, _ in gqa_model.named_parameters()}
     assert all(p.grad is None for p in gqa_model.parameters())
     assert [n for n, p in gqa_model.named_parameters() if p.requires_grad] == ["model.norm.weight"]
+
+
+def test_a_budget_that_leaves_the_blocks_less_than_half_is_flagged_with_why():
+    from dms_llm.card import render_model_card
+    from dms_llm.pipeline import blocks_warning
+    from dms_llm.report import blocks_kept
+
+    # Gemma 3 270M's proportions: 63% of the parameters are embeddings; keep 0.8 leaves the blocks 46%
+    gemma = {"base_model": "x/y", "format": "per-layer", "params_before": 268_000_000, "params_after": 214_400_000,
+             "embedding_params": 168_000_000}
+    assert abs(blocks_kept(gemma) - 0.464) < 1e-3
+    warning = blocks_warning(gemma)
+    assert "80% of all parameters" in warning and "46% of the transformer blocks" in warning
+    assert "embeddings are 63%" in warning and "keep 0.82" in warning
+    smollm = {**gemma, "params_before": 134_515_008, "params_after": 107_604_288, "embedding_params": 28_311_552}
+    assert blocks_warning(smollm) is None and abs(blocks_kept(smollm) - 0.747) < 1e-3
+    assert blocks_kept({"params_before": 10, "params_after": 5}) is None  # a record from before the field
+    card = render_model_card({**gemma, "warning": warning})
+    assert "46.4% of those outside the embeddings" in card and warning in card
