@@ -496,3 +496,21 @@ def test_qwen3_and_gemma3_gguf_files_load_like_the_embedded_default(tmp_path, bp
     reloaded = AutoModelForCausalLM.from_pretrained(export(loaded, s, tmp_path / "p").path, trust_remote_code=True)
     with torch.no_grad(), hard_masked(loaded, s):
         assert (reloaded(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_the_readmes_gguf_example_runs_from_the_folder_that_holds_the_file(tmp_path, bpe_tokenizer, text_file):
+    """`dms-llm prune model.gguf --keep ... --out pruned` in the folder of model.gguf writes pruned/ beside it and
+    leaves the file as it was: the file is the source, not its folder."""
+    dense = tmp_path / "dense"
+    tiny(layers=3, intermediate=128).save_pretrained(dense)
+    bpe_tokenizer.save_pretrained(dense)
+    work = tmp_path / "work"
+    work.mkdir()
+    write_gguf(dense, work / "model.gguf", "f32")
+    before = (work / "model.gguf").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "dms_llm", "prune", "model.gguf", "--keep", "0.85", "--steps", "2",
+                           "--seq-len", "32", "--num-samples", "4", "--calib", str(text_file), "--no-eval",
+                           "--no-reconstruct", "--format", "uniform", "--out", "pruned", "--quiet"],
+                          cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (work / "pruned" / "config.json").is_file() and (work / "model.gguf").read_bytes() == before
