@@ -34,6 +34,8 @@ from .errors import DMSError
 from .gates import DMSGates, hard_masked, tensor_parallel_head_counts
 from .logits import OutputHead, TeacherCache, final_hidden, next_token_loss
 from .progress import Heartbeat
+from .reconstruct import ReconstructConfig
+from .repair_aware import RepairDeltas
 from .resources import ResourceModel
 from .structure import ModelShape, Structure, decoder_layers
 from .training import (
@@ -93,6 +95,8 @@ class PruneConfig(TrainingConfig):
     joint_lr: float = 1e-4
     lora_rank: int = 16
     lora_alpha: int | None = None  # None: 2 x lora_rank
+    repair_every: int = 0  # once the target is reached, repair the hard structure every N steps and search on the
+    # repaired projections (dms_llm/repair_aware.py; 0 = off, an experimental lever)
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,6 +132,10 @@ class PruneConfig(TrainingConfig):
             raise DMSError(f"`teacher_top_k` is a number of tokens (0 = the exact KL), got {self.teacher_top_k}")
         if self.depth_check < 0:
             raise DMSError(f"`depth_check` is a number of calibration windows (0 = off), got {self.depth_check}")
+        if self.repair_every < 0:
+            raise DMSError(f"`repair_every` is a number of steps (0 = off), got {self.repair_every}")
+        if self.repair_every and (self.fsdp or self.joint):
+            raise DMSError("`repair_every` refits the source weights in one process: not with `fsdp` or `joint`")
         if self.fsdp and self.joint:
             raise DMSError("joint mode (LoRA) with FSDP is not supported: use DDP (no `fsdp`) or a single process")
 
@@ -432,16 +440,25 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
                "last": _key(gates.hard_structure()) if state else None, "t": time.perf_counter()}
     decay_steps = max(1, int(config.target_decay * config.steps))
     teacher_mode = adapters.disable_adapter if adapters is not None else nullcontext
+    deltas = RepairDeltas(model) if config.repair_every else None
 
     def dms_loss(step: int):
         """KL(dense || gated) + w_lm * LM  +  lambda * max(0, log(r_c / r_t))."""
         tracker["t"] = time.perf_counter()
         rows = run.rows(len(calib), step, config.batch_size, config.seed)
         gates.begin_step("off")
+        if deltas is not None:
+            deltas.active = False  # the teacher is the dense model
+            if step >= decay_steps and (step - decay_steps) % config.repair_every == 0:
+                with torch.autocast(run.device.type, enabled=False):
+                    deltas.refit(gates.hard_structure(), calib, ReconstructConfig())
+                logger.info("step %d: searching on the repair of %s", step + 1, gates.hard_structure().summary())
         # sharded weights: each forward is a collective, so every process fills the whole global batch (the same
         # windows in the same order); otherwise each fills only its own rows
         teacher.fill(model, batch_rows(len(calib), step, config.batch_size * run.world, config.seed)
                      if sharded else rows, teacher_mode)
+        if deltas is not None:
+            deltas.active = bool(deltas.deltas)
         gates.begin_step("soft")
         ids = calib[rows].to(run.device)
         task, parts = task_loss(model, ids, teacher.targets(rows, run.device), config.lm_loss_weight)
@@ -486,9 +503,13 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
         return {"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
                 "stable": tracker["stable"], "lora": trainable_state(model) if adapters is not None else {}}
 
-    return run.run(config.steps, history, dms_loss, dms_update, state_fn, stable_and_met,
-                   postfix=lambda r: f"kl {r['kl']:.3f} hard {_fmt(r['hard_resource'])}/{_fmt(target)}",
-                   progress=progress)
+    try:
+        return run.run(config.steps, history, dms_loss, dms_update, state_fn, stable_and_met,
+                       postfix=lambda r: f"kl {r['kl']:.3f} hard {_fmt(r['hard_resource'])}/{_fmt(target)}",
+                       progress=progress)
+    finally:
+        if deltas is not None:
+            deltas.remove()
 
 
 def uniform_state_path(path: str | None) -> str | None:

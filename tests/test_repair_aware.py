@@ -1,0 +1,50 @@
+import torch
+
+from dms_llm.exporter import build_pruned_model
+from dms_llm.gates import hard_masked
+from dms_llm.reconstruct import ReconstructConfig, reconstruct
+from dms_llm.repair_aware import RepairDeltas
+from dms_llm.search import PruneConfig, prune
+from dms_llm.structure import LayerStructure, Structure
+
+from .test_search import _logits
+
+
+def test_the_deltas_make_the_masked_model_compute_the_repaired_one(mha_model, calib):
+    """Source weights + the deltas, masked to the structure, give the repaired sliced model's logits; with the deltas
+    off (the teacher's view) the source model is untouched."""
+    before = _logits(mha_model, calib[:2])
+    layers = [LayerStructure([0, 2], list(range(0, 96, 2))), LayerStructure([], list(range(40))),
+              LayerStructure([1, 2, 3], []), LayerStructure([0, 1, 2, 3], list(range(96)))]
+    structure = Structure(1, 16, layers)
+    config = ReconstructConfig(samples=6, check_windows=0)
+    deltas = RepairDeltas(mha_model)
+    deltas.refit(structure, calib, config)
+    deltas.active = False  # the same repair, made the export's way (from the source weights)
+    repaired = build_pruned_model(mha_model, structure, output_bias=True)
+    reconstruct(repaired, mha_model, structure, calib, config, progress=False)
+    deltas.active = True
+    with hard_masked(mha_model, structure):
+        got = _logits(mha_model, calib[:2])
+    assert (got - _logits(repaired, calib[:2])).abs().max() < 1e-4
+    with hard_masked(mha_model, structure):
+        deltas.active = False
+        sliced = _logits(mha_model, calib[:2])
+    assert (sliced - got).abs().max() > 1e-3  # the repair changed something
+    deltas.remove()
+    assert torch.equal(_logits(mha_model, calib[:2]), before)
+    assert not any(m._forward_hooks for m in mha_model.modules())
+
+
+def test_a_search_with_the_repair_inside_meets_the_budget_and_leaves_the_model(mha_model, calib, caplog):
+    import logging
+
+    before = _logits(mha_model, calib[:1])
+    cfg = PruneConfig(keep=0.6, steps=8, warmup_steps=1, batch_size=2, patience=100, repair_every=2, depth_check=0,
+                      format="per-layer", target_decay=0.5)
+    with caplog.at_level(logging.INFO, logger="dms_llm"):
+        result = prune(mha_model, calib, cfg, progress=False)
+    assert result.pruned_resource <= result.target_resource
+    assert sum("searching on the repair" in r.message for r in caplog.records) == 2  # steps 5 and 7
+    assert torch.equal(_logits(mha_model, calib[:1]), before)
+    assert not any(m._forward_hooks for m in mha_model.modules())
