@@ -97,6 +97,7 @@ class PruneConfig(TrainingConfig):
     lora_alpha: int | None = None  # None: 2 x lora_rank
     repair_every: int = 0  # once the target is reached, repair the hard structure every N steps and search on the
     # repaired projections (dms_llm/repair_aware.py; 0 = off, an experimental lever)
+    repair_takeover: bool = True  # with repair_every: the in-search repair also takes over removed blocks
 
     def __post_init__(self):
         super().__post_init__()
@@ -451,7 +452,8 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
             deltas.active = False  # the teacher is the dense model
             if step >= decay_steps and (step - decay_steps) % config.repair_every == 0:
                 with torch.autocast(run.device.type, enabled=False):
-                    deltas.refit(gates.hard_structure(), calib, ReconstructConfig())
+                    repair = ReconstructConfig(absorb_removed=config.repair_takeover)
+                    deltas.refit(gates.hard_structure(), calib, repair)
                 logger.info("step %d: searching on the repair of %s", step + 1, gates.hard_structure().summary())
         # sharded weights: each forward is a collective, so every process fills the whole global batch (the same
         # windows in the same order); otherwise each fills only its own rows
