@@ -43,14 +43,19 @@ class ExportResult:
     params: int
 
 
-def _slice_layer(state: dict, layer_structure, shape: ModelShape) -> dict:
-    """Slice one decoder layer's state dict to the kept KV groups and MLP channels (removed blocks dropped)."""
+def kept_rows(layer_structure, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The indices one layer keeps: rows of q_proj (= columns of o_proj), rows of k_proj / v_proj, MLP channels."""
     d, r = shape.head_dim, shape.heads_per_group
     kv = torch.tensor(layer_structure.kv_heads, dtype=torch.long)
     q_heads = (kv[:, None] * r + torch.arange(r)[None]).flatten()
     q_rows = (q_heads[:, None] * d + torch.arange(d)[None]).flatten()
     kv_rows = (kv[:, None] * d + torch.arange(d)[None]).flatten()
-    ch = torch.tensor(layer_structure.channels, dtype=torch.long)
+    return q_rows, kv_rows, torch.tensor(layer_structure.channels, dtype=torch.long)
+
+
+def _slice_layer(state: dict, layer_structure, shape: ModelShape) -> dict:
+    """Slice one decoder layer's state dict to the kept KV groups and MLP channels (removed blocks dropped)."""
+    q_rows, kv_rows, ch = kept_rows(layer_structure, shape)
     out = {}
     for key, value in state.items():
         if key.startswith(ATTENTION_KEYS[shape.sandwich_norms]) and not layer_structure.kv_heads:

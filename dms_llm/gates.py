@@ -117,13 +117,16 @@ def tensor_parallel_head_counts(shape: ModelShape, tp: int, uniform: bool = Fals
     format, a stock config takes it); a ValueError saying which sizes work when ``tp`` cannot split this model."""
     if tp < 1:
         raise ValueError(f"tensor_parallel must be at least 1, got {tp}")
-    counts = shape.tensor_parallel_group_counts(tp)
-    if uniform:
-        counts = [g for g in counts if g in shape.valid_uniform_group_counts()]
-    if not counts or shape.hidden_size % tp:
-        works = [t for t in range(1, 17) if shape.hidden_size % t == 0 and shape.tensor_parallel_group_counts(t)
-                 and (not uniform or set(shape.tensor_parallel_group_counts(t)) & set(
-                     shape.valid_uniform_group_counts()))]
+
+    def counts_for(t: int) -> list[int]:
+        if shape.hidden_size % t:
+            return []
+        counts = shape.tensor_parallel_group_counts(t)
+        return [g for g in counts if g in shape.valid_uniform_group_counts()] if uniform else counts
+
+    counts = counts_for(tp)
+    if not counts:
+        works = [t for t in range(1, 17) if counts_for(t)]
         raise ValueError(
             f"tensor parallelism of size {tp} cannot split this model (hidden size {shape.hidden_size}, "
             f"{shape.num_kv_heads} KV heads of {shape.heads_per_group} query heads each) at any width; sizes that "
@@ -257,7 +260,7 @@ class DMSGates(nn.Module):
             rounded = (round_half_up(c.double() / m) * m).long().clamp(m, self.operators["channels"].num_units)
             counts["channels"] = torch.where(c > 0, rounded, c)
         if self.uniform and "heads" in counts:
-            valid = [g for g in self.shape.valid_uniform_group_counts() if g in self.head_counts]
+            valid = self.head_counts  # already the counts a stock config takes
             g = int(counts["heads"][0])
             snapped = max([v for v in valid if v <= g] or [min(valid)])
             counts["heads"] = torch.full_like(counts["heads"], snapped)

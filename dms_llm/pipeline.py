@@ -42,7 +42,7 @@ from .loading import EMBEDDED, ModelLoadError, default_device, load_model, resol
 from .reconstruct import ReconstructConfig, reconstruct
 from .recovery import FinetuneConfig, FinetuneResult, check_budget, check_teacher, finetune
 from .report import blocks_kept
-from .resources import ResourceModel
+from .resources import ResourceModel, count_parameters
 from .search import PruneConfig, PruneResult, prune, uniform_state_path
 from .structure import ModelShape
 from .training import is_dispatched, release_freed_memory
@@ -402,7 +402,7 @@ def prune_checkpoint(job: PruneJob, progress: bool = True) -> PruneRun | None:
     if ppl:
         metadata["perplexity"] = ppl
     sizes = ResourceModel(ModelShape.from_model(model))
-    kept = {"params_before": sizes.dense(), "params_after": sum(p.numel() for p in pruned.parameters()),
+    kept = {"params_before": sizes.dense(), "params_after": count_parameters(pruned),
             "embedding_params": sizes.embedding_params()}
     warning = " ".join(w for w in (blocks_warning(kept), quality_warning(ppl)) if w)
     if warning:

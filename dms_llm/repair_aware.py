@@ -15,15 +15,11 @@ repeatedly, so the deltas follow the structure as it moves.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .structure import ModelShape, Structure, decoder_layers
-
-logger = logging.getLogger("dms_llm")
 
 
 class RepairDeltas:
@@ -36,7 +32,6 @@ class RepairDeltas:
         self.layers = decoder_layers(model)
         self.deltas: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.active = False
-        self.repairs = 0
         self._handles = [proj.register_forward_hook(self._hook)
                          for layer in self.layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
 
@@ -52,34 +47,28 @@ class RepairDeltas:
     def refit(self, structure: Structure, calib: torch.Tensor, config) -> None:
         """Repair ``structure`` from the source weights on ``calib`` (a :class:`ReconstructConfig` ``config``) and
         take the repaired projections as the new deltas."""
-        from .exporter import build_pruned_model
+        from .exporter import build_pruned_model, kept_rows
         from .reconstruct import reconstruct
 
         self.active = False  # the slicing, its check and the repair's dense passes see the source model
         pruned = build_pruned_model(self.model, structure, output_bias=True)
         reconstruct(pruned, self.model, structure, calib, config, progress=False)
-        d, r = self.shape.head_dim, self.shape.heads_per_group
         new_layers = decoder_layers(pruned)
         self.deltas = {}
         for new_idx, old_idx in enumerate(structure.kept_layers()):
-            kept, source, repaired = structure.layers[old_idx], self.layers[old_idx], new_layers[new_idx]
-            kv = torch.tensor(kept.kv_heads, dtype=torch.long)
-            q_heads = (kv[:, None] * r + torch.arange(r)[None]).flatten()
-            columns = {"attn": (q_heads[:, None] * d + torch.arange(d)[None]).flatten(),
-                       "mlp": torch.tensor(kept.channels, dtype=torch.long)}
-            for block, name in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
-                if not len(columns[block]):
+            source, repaired = self.layers[old_idx], new_layers[new_idx]
+            q_rows, _, channels = kept_rows(structure.layers[old_idx], self.shape)
+            for cols, name in ((q_rows, "self_attn.o_proj"), (channels, "mlp.down_proj")):
+                if not len(cols):
                     continue
                 old, new = source.get_submodule(name), repaired.get_submodule(name)
-                cols = columns[block].to(old.weight.device)
+                cols = cols.to(old.weight.device)
                 weight = torch.zeros_like(old.weight, dtype=torch.float32)
                 weight[:, cols] = new.weight.float() - old.weight.float().index_select(1, cols)
                 bias = None if new.bias is None else new.bias.float() - (
                     0.0 if old.bias is None else old.bias.float())
                 self.deltas[old] = (weight, bias)
-        self.repairs += 1
         self.active = True
-        del pruned
 
     def remove(self) -> None:
         for handle in self._handles:

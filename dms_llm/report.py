@@ -34,9 +34,10 @@ def prune_report(run, model: str) -> str:
     info, search = run.info, run.search
     dp, pp, dm, pm = info["params_before"], info["params_after"], info["macs_2048_before"], info["macs_2048_after"]
     rows = [("parameters", f"{dp:,}", f"{pp:,}", f"{pp / dp:.3f}")]
-    emb = info.get("embedding_params")
-    if emb is not None and dp > emb:
-        rows.append(("  without embeddings", f"{dp - emb:,}", f"{pp - emb:,}", f"{(pp - emb) / (dp - emb):.3f}"))
+    blocks = blocks_kept(info)
+    if blocks is not None:
+        emb = info["embedding_params"]
+        rows.append(("  without embeddings", f"{dp - emb:,}", f"{pp - emb:,}", f"{blocks:.3f}"))
     rows.append(("MACs per 2048 tokens", f"{dm / 1e9:.1f}G", f"{pm / 1e9:.1f}G", f"{pm / dm:.3f}"))
     if run.perplexity:
         rows.append(_ppl_row(run.perplexity["dense"], run.perplexity["pruned"]))

@@ -451,10 +451,10 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
         if deltas is not None:
             deltas.active = False  # the teacher is the dense model
             if step >= decay_steps and (step - decay_steps) % config.repair_every == 0:
+                structure = gates.hard_structure()
                 with torch.autocast(run.device.type, enabled=False):
-                    repair = ReconstructConfig(absorb_removed=config.repair_takeover)
-                    deltas.refit(gates.hard_structure(), calib, repair)
-                logger.info("step %d: searching on the repair of %s", step + 1, gates.hard_structure().summary())
+                    deltas.refit(structure, calib, ReconstructConfig(absorb_removed=config.repair_takeover))
+                logger.info("step %d: searching on the repair of %s", step + 1, structure.summary())
         # sharded weights: each forward is a collective, so every process fills the whole global batch (the same
         # windows in the same order); otherwise each fills only its own rows
         teacher.fill(model, batch_rows(len(calib), step, config.batch_size * run.world, config.seed)

@@ -9,6 +9,8 @@ imports no vLLM code, so the structure checks below also run (and are tested) wi
 
 from __future__ import annotations
 
+from .structure import splits_across
+
 ARCHITECTURE = "DMSLlamaForCausalLM"
 MODEL_CLASS = "dms_llm.vllm_model:DMSLlamaForCausalLM"
 
@@ -76,8 +78,6 @@ def check_tensor_parallel(config, tp: int) -> None:
 
 
 def _unsplit_layers(config, tp: int) -> list[int]:
-    from .structure import splits_across
-
     group = config.num_attention_heads // config.num_key_value_heads
     return [i for i, (kv, width) in enumerate(zip(config.layer_num_key_value_heads, config.layer_intermediate_sizes))
             if not splits_across(tp, kv, group, width)]
