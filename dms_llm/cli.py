@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import FlagFormatter, as_flags
 from .report import evaluation_report, finetune_report, gguf_report, prune_report
+from .search import REPAIR_EVERY
 
 
 class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="round every layer's widths so that vLLM's tensor parallelism over N GPUs splits them (MLP "
                         "widths to multiples of N, KV heads to counts N shards or replicates; default 1: no rounding)")
+    p.add_argument("--repair-every", type=int, default=None, metavar="N",
+                   help="once the budget is reached, repair the current structure every N search steps and search "
+                        f"on the repaired model (default {REPAIR_EVERY or 'off'}; 0: off; not with --fsdp / --joint)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the pruning ratios")
     p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")

@@ -156,7 +156,12 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
     """The ``dms-llm`` command that runs ``job``: its settings that differ from the defaults, as flags."""
     parts = ["dms-llm", verb, job.model]
     defaults = {f.name: f.default for f in dataclasses.fields(job) if f.default is not dataclasses.MISSING}
-    config_defaults = {f.name: f.default for f in dataclasses.fields(job.config)}
+    # the config's defaults as it resolves them (e.g. `repair_every=None` -> REPAIR_EVERY), at the job's budget
+    budget = ("keep", "target")
+    fields = {f.name: f.default for f in dataclasses.fields(job.config)}
+    resolved = vars(dataclasses.replace(job.config, **{n: d for n, d in fields.items()
+                                                       if d is not dataclasses.MISSING and n not in budget}))
+    config_defaults = {n: fields[n] if n in budget else resolved[n] for n in fields}
     settings = [(n, getattr(job, n), defaults.get(n)) for n in defaults]
     settings += [(n, getattr(job.config, n), config_defaults[n]) for n in config_flags]
     for name, value, default in [("out", job.out, None)] + settings:
@@ -174,8 +179,8 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
 
 
 PRUNE_FLAGS = ("keep", "target", "resource", "format", "search_depth", "depth_check", "mlp_unit", "channel_multiple",
-               "tensor_parallel", "steps", "uniform_steps", "batch_size", "lr", "resource_weight", "lm_loss_weight",
-               "seed", "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
+               "tensor_parallel", "steps", "uniform_steps", "repair_every", "batch_size", "lr", "resource_weight",
+               "lm_loss_weight", "seed", "mixed_precision", "fsdp", "joint", "joint_lr", "lora_rank")
 FINETUNE_FLAGS = ("tokens", "batch_size", "lr", "lora", "lora_rank", "lora_alpha", "kl_weight", "lm_loss_weight",
                   "seed", "mixed_precision")
 

@@ -53,6 +53,8 @@ logger = logging.getLogger("dms_llm")
 
 BUDGET_FIELDS = ("keep", "target", "resource", "macs_seq_len")
 FORMATS = ("auto", "per-layer", "uniform")
+# steps between the in-search repairs by default (PruneConfig.repair_every; 0 = off; docs/DESIGN.md §3)
+REPAIR_EVERY = 0
 # "auto" ships the stock (uniform) format unless per-layer scores more than this much better (relative)
 STOCK_TOLERANCE = 0.01
 
@@ -95,9 +97,10 @@ class PruneConfig(TrainingConfig):
     joint_lr: float = 1e-4
     lora_rank: int = 16
     lora_alpha: int | None = None  # None: 2 x lora_rank
-    repair_every: int = 0  # once the target is reached, repair the hard structure every N steps and search on the
-    # repaired projections (dms_llm/repair_aware.py; 0 = off, an experimental lever)
-    repair_takeover: bool = True  # with repair_every: the in-search repair also takes over removed blocks
+    # once the target is reached, repair the hard structure every N steps and search on the repaired projections
+    # (dms_llm/repair_aware.py; 0 = off; None: REPAIR_EVERY, or off with `fsdp` / `joint`, where it cannot run)
+    repair_every: int | None = None
+    repair_takeover: bool = False  # with repair_every: the in-search repair also takes over removed blocks
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,6 +136,8 @@ class PruneConfig(TrainingConfig):
             raise DMSError(f"`teacher_top_k` is a number of tokens (0 = the exact KL), got {self.teacher_top_k}")
         if self.depth_check < 0:
             raise DMSError(f"`depth_check` is a number of calibration windows (0 = off), got {self.depth_check}")
+        if self.repair_every is None:
+            self.repair_every = 0 if self.fsdp or self.joint else REPAIR_EVERY
         if self.repair_every < 0:
             raise DMSError(f"`repair_every` is a number of steps (0 = off), got {self.repair_every}")
         if self.repair_every and (self.fsdp or self.joint):

@@ -99,6 +99,19 @@ def parse_search_options(items: list[str]) -> dict:
     return options
 
 
+def effective_search_options(options: dict) -> dict:
+    """``options`` (PruneConfig fields) with the in-search repair as the library resolves it: its fields are there
+    exactly when it is on, so that a search keyed or recorded with them differs from one without it also when the
+    library's default turns it on or off (an option equal to the default then changes nothing)."""
+    import dms_llm
+
+    config = dms_llm.PruneConfig(keep=0.5, **options)
+    effective = {k: v for k, v in options.items() if k not in ("repair_every", "repair_takeover")}
+    if config.repair_every:
+        effective.update(repair_every=config.repair_every, repair_takeover=config.repair_takeover)
+    return effective
+
+
 class Methods:
     """Every method of the benchmarks on one model and calibration set: its structure at a budget (cached in memory
     and, keyed by everything it depends on, on disk under ``cache_dir``), and its pruned model — as the method
@@ -108,7 +121,8 @@ class Methods:
                  cache_dir: str | Path | None = None, channel_multiple: int = 8, held_out=None,
                  uniform_steps: int | None = None, search_options: dict | None = None):
         self.model, self.calib, self.steps, self.recon_samples = model, calib, steps, recon_samples
-        self.search_options = dict(search_options or {})  # more PruneConfig fields of every DMS search
+        # more PruneConfig fields of every DMS search (the in-search repair's as resolved: in the key when on)
+        self.search_options = effective_search_options(search_options or {})
         self.uniform_steps = uniform_steps  # dms_auto's uniform search (None: the library's default, = steps)
         self.channel_multiple = channel_multiple  # of the DMS searches (8 = the library's default)
         # held-out calibration windows: the DMS searches' depth check then chooses after the repair, as

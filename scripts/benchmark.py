@@ -104,8 +104,8 @@ methods = Methods(model, calib, args.calib, args.steps, args.recon_samples, args
 protocol = {"model": args.model, "calib": Path(args.calib).name, "eval_data": Path(args.eval_data).name,
             "eval_windows": windows, "steps": args.steps, "seq_len": args.seq_len, "num_samples": args.num_samples,
             "recon_samples": args.recon_samples, "repair_check": args.repair_check}
-if search_options:  # (absent otherwise, so that rows of the default protocol stay comparable)
-    protocol["search_options"] = search_options
+if methods.search_options:  # (absent otherwise, so that rows of the default protocol stay comparable)
+    protocol["search_options"] = methods.search_options
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
 results = out / f"results{args.tag}.json"

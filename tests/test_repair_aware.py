@@ -48,3 +48,28 @@ def test_a_search_with_the_repair_inside_meets_the_budget_and_leaves_the_model(m
     assert sum("searching on the repair" in r.message for r in caplog.records) == 2  # steps 5 and 7
     assert torch.equal(_logits(mha_model, calib[:1]), before)
     assert not any(m._forward_hooks for m in mha_model.modules())
+
+
+def test_the_in_search_repair_default_resolves_and_round_trips_through_the_command(monkeypatch):
+    import shlex
+
+    import pytest
+
+    from dms_llm import cli, search
+    from dms_llm.errors import DMSError
+    from dms_llm.pipeline import PRUNE_FLAGS, PruneJob, command_line
+
+    assert PruneConfig(keep=0.5).repair_every == search.REPAIR_EVERY
+    monkeypatch.setattr(search, "REPAIR_EVERY", 25)
+    assert PruneConfig(keep=0.5).repair_every == 25 and not PruneConfig(keep=0.5).repair_takeover
+    # where it cannot run, the default is off, and asking for it stops with why
+    assert PruneConfig(keep=0.5, joint=True).repair_every == 0 == PruneConfig(keep=0.5, fsdp=True).repair_every
+    with pytest.raises(DMSError, match="one process"):
+        PruneConfig(keep=0.5, joint=True, repair_every=25)
+    with pytest.raises(DMSError, match="0 = off"):
+        PruneConfig(keep=0.5, repair_every=-1)
+    # the recorded command names it only when it differs from the default, and parses back to the same value
+    assert "--repair-every" not in command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5)), PRUNE_FLAGS)
+    command = command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5, repair_every=7)), PRUNE_FLAGS)
+    assert cli.build_parser().parse_args(shlex.split(command)[1:]).repair_every == 7
+    assert cli.build_parser().parse_args(["prune", "m", "--keep", "0.5", "--out", "o"]).repair_every is None
