@@ -24,10 +24,12 @@ from .structure import ModelShape, Structure, decoder_layers
 
 class RepairDeltas:
     """Forward hooks on every layer's ``o_proj`` and ``down_proj`` that add the last repair's change to their output
-    while :attr:`active`; :meth:`remove` detaches them (the model computes what it did before)."""
+    while :attr:`active`; :meth:`remove` detaches them (the model computes what it did before). ``dtype``: what the
+    deltas are kept in: the search's autocast dtype halves their memory (a full o_proj and down_proj per layer) and
+    computes the same, since autocast rounds them to it anyway."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        self.model, self.dtype = model, dtype
         self.shape = ModelShape.from_model(model)
         self.layers = decoder_layers(model)
         self.deltas: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -67,7 +69,7 @@ class RepairDeltas:
                 weight[:, cols] = new.weight.float() - old.weight.float().index_select(1, cols)
                 bias = None if new.bias is None else new.bias.float() - (
                     0.0 if old.bias is None else old.bias.float())
-                self.deltas[old] = (weight, bias)
+                self.deltas[old] = (weight.to(self.dtype), None if bias is None else bias.to(self.dtype))
         self.active = True
 
     def remove(self) -> None:

@@ -446,7 +446,9 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
                "last": _key(gates.hard_structure()) if state else None, "t": time.perf_counter()}
     decay_steps = max(1, int(config.target_decay * config.steps))
     teacher_mode = adapters.disable_adapter if adapters is not None else nullcontext
-    deltas = RepairDeltas(model) if config.repair_every else None
+    # the deltas in the autocast's dtype, which its matmuls round them to anyway
+    delta_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
+    deltas = RepairDeltas(model, delta_dtype) if config.repair_every else None
 
     def dms_loss(step: int):
         """KL(dense || gated) + w_lm * LM  +  lambda * max(0, log(r_c / r_t))."""

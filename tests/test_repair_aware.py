@@ -73,3 +73,18 @@ def test_the_in_search_repair_default_resolves_and_round_trips_through_the_comma
     command = command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5, repair_every=7)), PRUNE_FLAGS)
     assert cli.build_parser().parse_args(shlex.split(command)[1:]).repair_every == 7
     assert cli.build_parser().parse_args(["prune", "m", "--keep", "0.5", "--out", "o"]).repair_every is None
+
+
+def test_deltas_kept_in_the_autocast_dtype_compute_the_same(mha_model, calib):
+    """bf16 deltas under bf16 autocast give exactly what fp32 ones do (autocast rounds them to bf16 anyway)."""
+    structure = Structure(1, 16, [LayerStructure([0, 2], list(range(0, 96, 2)))] * 4)
+    config = ReconstructConfig(samples=4, check_windows=0)
+    got = []
+    for dtype in (torch.float32, torch.bfloat16):
+        deltas = RepairDeltas(mha_model, dtype)
+        deltas.refit(structure, calib, config)
+        assert {w.dtype for w, _ in deltas.deltas.values()} == {dtype}
+        with hard_masked(mha_model, structure), torch.autocast("cpu", dtype=torch.bfloat16):
+            got.append(_logits(mha_model, calib[:2]))
+        deltas.remove()
+    assert torch.equal(got[0], got[1])
