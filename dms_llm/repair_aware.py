@@ -65,11 +65,12 @@ class RepairDeltas:
                     continue
                 old, new = source.get_submodule(name), repaired.get_submodule(name)
                 cols = cols.to(old.weight.device)
-                weight = torch.zeros_like(old.weight, dtype=torch.float32)
-                weight[:, cols] = new.weight.float() - old.weight.float().index_select(1, cols)
-                bias = None if new.bias is None else new.bias.float() - (
-                    0.0 if old.bias is None else old.bias.float())
-                self.deltas[old] = (weight.to(self.dtype), None if bias is None else bias.to(self.dtype))
+                # the differences in fp32, kept in self.dtype (no full-size fp32 copy on the way)
+                weight = torch.zeros_like(old.weight, dtype=self.dtype)
+                weight[:, cols] = (new.weight.float() - old.weight.float().index_select(1, cols)).to(self.dtype)
+                bias = None if new.bias is None else (new.bias.float() - (
+                    0.0 if old.bias is None else old.bias.float())).to(self.dtype)
+                self.deltas[old] = (weight, bias)
         self.active = True
 
     def remove(self) -> None:
