@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "widths to multiples of N, KV heads to counts N shards or replicates; default 1: no rounding)")
     p.add_argument("--repair-every", type=int, default=None, metavar="N",
                    help="once the budget is reached, repair the current structure every N search steps and search "
-                        f"on the repaired model (default {REPAIR_EVERY or 'off'}; 0: off; not with --fsdp / --joint)")
+                        f"on the repaired model (default {REPAIR_EVERY or 'off'}; 0: off; off with --no-reconstruct; "
+                        "not with --fsdp / --joint)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the pruning ratios")
     p.add_argument("--resource-weight", type=float, default=50.0, help="weight of the resource loss")
     p.add_argument("--lm-loss-weight", type=float, default=1.0, help="weight of the LM loss added to distillation")
@@ -242,6 +243,8 @@ def cmd_prune(args) -> int:
 
     if args.channel_multiple is None:
         args.channel_multiple = channel_multiple_for(args.gguf)
+    if not args.reconstruct and args.repair_every is None:
+        args.repair_every = 0  # nothing ships repaired: the search aims at the sliced model
     config = _from_args(PruneConfig, args, target=args.target_params)
     job = _from_args(PruneJob, args, config=config, eval_data=None if args.no_eval else args.eval_data)
     run = prune_checkpoint(job, progress=not args.quiet)

@@ -173,7 +173,7 @@ def command_line(verb: str, job, config_flags: tuple[str, ...]) -> str:
             parts.append(flag(name))
         elif value is False and default is True:  # an on-by-default setting turned off: --no-<name>
             parts.append("--no-" + flag(name).removeprefix("--"))
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value (`--depth-check 0`), not a switch off
             parts += [flag(name), shlex.quote(str(value))]
     return " ".join(parts)
 

@@ -1,4 +1,4 @@
-"""The repair inside the search (an experimental lever, ``PruneConfig.repair_every``; docs/DESIGN.md §3).
+"""The repair inside the search (``PruneConfig.repair_every``, on by default: every 25 steps; docs/DESIGN.md §3).
 
 What ships is the repaired model, but the search learns on the sliced one. Here, every ``repair_every`` steps once
 the budget's target is reached, the current hard structure is sliced from the (unchanged) source weights and repaired

@@ -54,7 +54,7 @@ logger = logging.getLogger("dms_llm")
 BUDGET_FIELDS = ("keep", "target", "resource", "macs_seq_len")
 FORMATS = ("auto", "per-layer", "uniform")
 # steps between the in-search repairs by default (PruneConfig.repair_every; 0 = off; docs/DESIGN.md §3)
-REPAIR_EVERY = 0
+REPAIR_EVERY = 25
 # "auto" ships the stock (uniform) format unless per-layer scores more than this much better (relative)
 STOCK_TOLERANCE = 0.01
 
@@ -450,6 +450,15 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
     delta_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
     deltas = RepairDeltas(model, delta_dtype) if config.repair_every else None
 
+    def repair(structure: Structure) -> None:
+        tracker["repaired"] = structure
+        with torch.autocast(run.device.type, enabled=False):
+            deltas.refit(structure, calib, ReconstructConfig(absorb_removed=config.repair_takeover))
+
+    tracker["repaired"] = None
+    if deltas is not None and state is not None and state.get("repaired"):
+        repair(Structure.from_dict(state["repaired"]))  # the saved run searched on this repair: so does the rest
+
     def dms_loss(step: int):
         """KL(dense || gated) + w_lm * LM  +  lambda * max(0, log(r_c / r_t))."""
         tracker["t"] = time.perf_counter()
@@ -459,8 +468,7 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
             deltas.active = False  # the teacher is the dense model
             if step >= decay_steps and (step - decay_steps) % config.repair_every == 0:
                 structure = gates.hard_structure()
-                with torch.autocast(run.device.type, enabled=False):
-                    deltas.refit(structure, calib, ReconstructConfig(absorb_removed=config.repair_takeover))
+                repair(structure)
                 logger.info("step %d: searching on the repair of %s", step + 1, structure.summary())
         # sharded weights: each forward is a collective, so every process fills the whole global batch (the same
         # windows in the same order); otherwise each fills only its own rows
@@ -508,9 +516,11 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
         return done
 
     def state_fn(step: int) -> dict:
-        """Gates (ratios and importances), Adam, step, log; joint mode: the LoRA weights."""
+        """Gates (ratios and importances), Adam, step, log; joint mode: the LoRA weights; the in-search repair: the
+        structure it last repaired."""
         return {"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history,
-                "stable": tracker["stable"], "lora": trainable_state(model) if adapters is not None else {}}
+                "stable": tracker["stable"], "lora": trainable_state(model) if adapters is not None else {},
+                "repaired": tracker["repaired"].to_dict() if tracker["repaired"] is not None else None}
 
     try:
         return run.run(config.steps, history, dms_loss, dms_update, state_fn, stable_and_met,

@@ -70,8 +70,9 @@ def test_the_in_search_repair_default_resolves_and_round_trips_through_the_comma
         PruneConfig(keep=0.5, repair_every=-1)
     # the recorded command names it only when it differs from the default, and parses back to the same value
     assert "--repair-every" not in command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5)), PRUNE_FLAGS)
-    command = command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5, repair_every=7)), PRUNE_FLAGS)
-    assert cli.build_parser().parse_args(shlex.split(command)[1:]).repair_every == 7
+    for every in (7, 0):  # 0 (off) is a value the command keeps, not a switch it drops
+        command = command_line("prune", PruneJob("m", "o", PruneConfig(keep=0.5, repair_every=every)), PRUNE_FLAGS)
+        assert cli.build_parser().parse_args(shlex.split(command)[1:]).repair_every == every
     assert cli.build_parser().parse_args(["prune", "m", "--keep", "0.5", "--out", "o"]).repair_every is None
 
 

@@ -85,7 +85,9 @@ def test_search_resumes_to_the_same_structure(gqa_model, calib, tmp_path, monkey
         prune(gqa_model, calib, PruneConfig(**base, checkpoint_path=str(ckpt)), progress=False)
     uniform_ckpt = Path(uniform_state_path(str(ckpt)))
     if search == "per-layer":
-        assert torch.load(ckpt, weights_only=False)["step"] == 6 and not uniform_ckpt.exists()
+        saved = torch.load(ckpt, weights_only=False)
+        assert saved["step"] == 6 and not uniform_ckpt.exists()
+        assert saved["repaired"] is not None  # the default in-search repair ran at step 6: the resume redoes it
     else:
         assert torch.load(ckpt, weights_only=False)["step"] == 10
         assert torch.load(uniform_ckpt, weights_only=False)["step"] == 6
