@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dms_llm import search
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,10 @@ def test_a_search_option_reaches_every_dms_search_and_its_protocol(dense_folder,
     out.mkdir()
     _run(dense_folder, text, out, "--search-option", "batch_size=2", "--search-option", "lr=0.05")
     rows = json.loads((out / "results-test.json").read_text())
-    assert all(r["protocol"]["search_options"] == {"batch_size": 2, "lr": 0.05} for r in rows)
+    # with the in-search repair as the library resolves it (on by default), so that its rows and cached structures
+    # are never mixed with those of a search without it
+    expected = {"batch_size": 2, "lr": 0.05, "repair_every": search.REPAIR_EVERY, "repair_takeover": False}
+    assert all(r["protocol"]["search_options"] == expected for r in rows)
     cached = [p.name for p in (out / "cache").iterdir() if p.name.startswith("dms_uniform")]
     assert cached and all("-batch_size2-lr0.05" in name for name in cached)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--search-option", "batchsize=2"],
