@@ -362,7 +362,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
     ``held_out``: windows of the same text that ``calib`` does not hold (:func:`dms_llm.data.held_out_windows`).
     Given, the depth check's best candidates are also repaired (``repair``, a
     :class:`dms_llm.reconstruct.ReconstructConfig`) and the one closest to the dense model on them wins, as in
-    ``dms-llm prune``; the result then carries it repaired (``repaired``: pass it to ``export(..., pruned=)``)."""
+    ``dms-llm prune``; the result then carries it repaired (``repaired``: pass it to ``export(..., pruned=)``). The
+    in-search repair (``config.repair_every``) uses ``repair`` too (None: the default settings)."""
     shape = ModelShape.from_model(model)
     resource = ResourceModel(shape, config.resource, config.macs_seq_len)
     target = config.resolve_target(resource)
@@ -387,7 +388,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         teacher = TeacherCache(calib, config.teacher_top_k)
         completed, t0 = False, time.perf_counter()
         try:
-            history = _search(model, gates, adapters, calib, teacher, config, resource, target, run, progress, sharded)
+            history = _search(model, gates, adapters, calib, teacher, config, resource, target, run, progress, sharded,
+                              repair)
             completed = True
         finally:
             gates.begin_step("off")
@@ -397,8 +399,8 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
         # the depth check compares against the dense model: not after joint training (its weights changed) or
         # on weights sharded over processes
         auto = config.format == "auto" and not config.joint and not sharded
-        uniform, uniform_steps = (_uniform_search(model, calib, teacher, config, resource, target, run, progress)
-                                  if auto else (None, 0))
+        uniform, uniform_steps = (_uniform_search(model, calib, teacher, config, resource, target, run, progress,
+                                                  repair) if auto else (None, 0))
         if (config.depth_check or auto) and not config.joint and not sharded:
             with run.accelerator.autocast():  # the search's own loss, at the search's precision
                 structure, checked, candidates = check_depth(
@@ -423,8 +425,10 @@ def prune(model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: 
 
 
 def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, config: PruneConfig,
-            resource: ResourceModel, target: int, run: Trainer, progress: bool, sharded: bool) -> list[dict]:
-    """The DMS steps, from the warm-up (or the saved state) to the stop; ``sharded``: FSDP over several processes."""
+            resource: ResourceModel, target: int, run: Trainer, progress: bool, sharded: bool,
+            repair_settings=None) -> list[dict]:
+    """The DMS steps, from the warm-up (or the saved state) to the stop; ``sharded``: FSDP over several processes;
+    ``repair_settings``: the in-search repair's :class:`ReconstructConfig` (None: the defaults), the final one's."""
     lora_params = [p for p in model.parameters() if p.requires_grad] if adapters is not None else []
     groups = [{"params": list(gates.parameters()), "lr": config.lr}]
     if lora_params:
@@ -453,7 +457,8 @@ def _search(model, gates: DMSGates, adapters, calib, teacher: TeacherCache, conf
     def repair(structure: Structure) -> None:
         tracker["repaired"] = structure
         with torch.autocast(run.device.type, enabled=False):
-            deltas.refit(structure, calib, ReconstructConfig(absorb_removed=config.repair_takeover))
+            deltas.refit(structure, calib, replace(repair_settings or ReconstructConfig(),
+                                                   absorb_removed=config.repair_takeover))
 
     tracker["repaired"] = None
     if deltas is not None and state is not None and state.get("repaired"):
@@ -537,7 +542,8 @@ def uniform_state_path(path: str | None) -> str | None:
 
 
 def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache, config: PruneConfig,
-                    resource: ResourceModel, target: int, run: Trainer, progress: bool) -> tuple[DMSGates, int]:
+                    resource: ResourceModel, target: int, run: Trainer, progress: bool,
+                    repair_settings=None) -> tuple[DMSGates, int]:
     """``auto``'s stock-format candidates: a second search, of uniform widths (every layer the same head groups and
     MLP width; layers may go) under the same budget, with the same teacher (its cached outputs reused). A uniform
     structure read off the per-layer search's ranking scored worse once repaired (BENCHMARKS.md: 154.8 vs 140.2 at
@@ -555,7 +561,7 @@ def _uniform_search(model: nn.Module, calib: torch.Tensor, teacher: TeacherCache
     try:
         with run.stage("search (uniform)", uniform_config.checkpoint_path):
             history = _search(model, gates, None, calib, teacher, uniform_config, resource, target, run, progress,
-                              False)
+                              False, repair_settings)
     finally:
         gates.begin_step("off")
         gates.remove()

@@ -89,3 +89,19 @@ def test_deltas_kept_in_the_autocast_dtype_compute_the_same(mha_model, calib):
             got.append(_logits(mha_model, calib[:2]))
         deltas.remove()
     assert torch.equal(got[0], got[1])
+
+
+def test_the_in_search_repair_uses_the_final_repairs_settings(mha_model, calib, monkeypatch):
+    """`prune(..., repair=)` (what `dms-llm prune` passes from --recon-samples / --recon-ridge) reaches the repairs
+    inside the search too, with the take-over as the search config says."""
+    from dms_llm.reconstruct import ReconstructConfig
+
+    seen = []
+    monkeypatch.setattr(RepairDeltas, "refit", lambda self, structure, windows, config: seen.append(config))
+    cfg = PruneConfig(keep=0.6, steps=6, warmup_steps=1, batch_size=2, patience=100, repair_every=2, depth_check=0,
+                      format="per-layer", target_decay=0.5)
+    prune(mha_model, calib, cfg, progress=False, repair=ReconstructConfig(samples=3, ridge=0.5))
+    assert len(seen) == 2 and all((c.samples, c.ridge, c.absorb_removed) == (3, 0.5, False) for c in seen)
+    seen.clear()
+    prune(mha_model, calib, cfg, progress=False)
+    assert len(seen) == 2 and all((c.samples, c.ridge) == (32, 1e-2) for c in seen)
